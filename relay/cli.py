@@ -1,0 +1,161 @@
+"""The `relay` command: `relay serve` runs the relay, `relay simulator` a standalone Realtime simulator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from typing import Any, Mapping, Sequence
+
+from relay import __version__
+from relay.config import Settings, SettingsError
+from relay.simulator.config import ALL_KNOBS, KnobError, SimConfig, with_overrides
+from relay.simulator.config import HELP as SIM_HELP
+
+log = logging.getLogger("relay")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _run(coro: Any) -> None:
+    try:
+        import uvloop  # Linux only; a plain asyncio loop elsewhere
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+# --- relay serve -------------------------------------------------------------------------------------------------
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "serve",
+        help="run the relay (HTTP + WebRTC)",
+        description="Run the relay. With no OPENAI_API_KEY and no RELAY_UPSTREAM_URL it talks to a built-in "
+        "Realtime simulator, so it works offline. Every flag can also be set by the environment variable shown.",
+    )
+    for name, info in Settings.model_fields.items():
+        if info.annotation is not None and "SecretStr" in str(info.annotation):
+            continue  # secrets only from the environment: flags show up in `ps` and shell history
+        default = info.default if info.default is not None else "unset"
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=None,
+            help=f"{info.description} [env {Settings.env_name(name)}; default: {default}]",
+        )
+    parser.epilog = "Secrets come from the environment only: " + ", ".join(
+        Settings.env_name(n) for n, i in Settings.model_fields.items() if "SecretStr" in str(i.annotation)
+    )
+    parser.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    flags = {name: getattr(args, name, None) for name in Settings.model_fields}
+    try:
+        settings = Settings.load(**flags)
+    except SettingsError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings.log_level)
+    from relay.server.app import serve
+
+    _run(serve(settings))
+    return 0
+
+
+# --- relay simulator ---------------------------------------------------------------------------------------------
+
+
+def _sim_env(name: str) -> str:
+    return "RELAY_SIM_" + name.upper()
+
+
+def _add_simulator(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "simulator",
+        help="run a standalone Realtime API simulator",
+        description="Serve a local Realtime-API-compatible WebSocket at ws://HOST:PORT/v1/realtime?model=... . "
+        "It echoes the speech it hears, speaks synthetic audio for text, calls tools named in a message, "
+        "and can inject faults. Per-connection overrides: query parameters sim_<knob> (e.g. "
+        "?sim_close_after_events=20). Records: GET /v1/simulator/sessions.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on [default: 127.0.0.1]")
+    parser.add_argument("--port", type=int, default=8090, help="port to listen on [default: 8090]")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    for f in dataclasses.fields(SimConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{SIM_HELP[f.name]} [env {_sim_env(f.name)}; default: {f.default}]"
+        if str(f.type).startswith("bool"):
+            parser.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=help_text)
+    parser.set_defaults(handler=_simulator)
+
+
+def sim_config_from(values: dict[str, Any], env: Mapping[str, str] | None = None) -> SimConfig:
+    """A SimConfig from flags over env RELAY_SIM_* over the defaults."""
+    env = os.environ if env is None else env
+    raw: dict[str, str] = {}
+    for name in ALL_KNOBS:
+        value = values.get(name)
+        value = env.get(_sim_env(name)) if value is None else value
+        if value is not None:
+            raw[name] = str(value)
+    return with_overrides(SimConfig(), raw, prefix="", knobs=ALL_KNOBS)
+
+
+def _simulator(args: argparse.Namespace) -> int:
+    try:
+        config = sim_config_from(vars(args))
+    except (KnobError, ValueError) as exc:
+        print(f"relay simulator: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(args.log_level)
+
+    async def main() -> None:
+        from relay.simulator.server import start_simulator
+
+        simulator = await start_simulator(config, args.host, args.port)
+        log.info("Realtime simulator listening at %s?model=%s", simulator.url, config.default_model)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await simulator.stop()
+
+    _run(main())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description="WebRTC relay between browsers/mobile apps and speech-to-speech models "
+        "(OpenAI Realtime API or any service speaking its protocol).",
+    )
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_serve(commands)
+    _add_simulator(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    return args.handler(args)

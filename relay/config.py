@@ -1,0 +1,70 @@
+"""The relay's settings: one validated object, from environment variables and command-line flags.
+
+Each setting `name` is read from env `RELAY_<NAME>` (OPENAI_API_KEY keeps its usual name); a flag given on the
+command line wins. Secrets are `SecretStr`: they print as '**********' and never reach a log line.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+ENV_NAMES = {"openai_api_key": "OPENAI_API_KEY"}
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names it and says what is expected."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8080, ge=0, le=65535, description="port to listen on (0: any free port)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
+    openai_api_key: SecretStr | None = Field(None, description="use the OpenAI Realtime API with this key")
+    model: str = Field("gpt-realtime", min_length=1, description="model requested from OpenAI")
+    upstream_url: str | None = Field(
+        None, description="any Realtime-compatible WebSocket URL, used as given (wins over OPENAI_API_KEY)"
+    )
+    upstream_api_key: SecretStr | None = Field(
+        None, description="key sent to RELAY_UPSTREAM_URL (default: OPENAI_API_KEY, if set)"
+    )
+    upstream_auth_header: str = Field(
+        "Authorization",
+        min_length=1,
+        description="header carrying the upstream key: 'Authorization' sends 'Bearer <key>'; "
+        "any other name (e.g. Azure's 'api-key') sends the key as is",
+    )
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _websocket_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("ws://", "wss://")):
+            raise ValueError("must be a ws:// or wss:// URL")
+        return value
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        return ENV_NAMES.get(field, "RELAY_" + field.upper())
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **flags: Any) -> "Settings":
+        """Settings from `env` (default: os.environ), overridden by `flags` that are not None."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            raw = env.get(cls.env_name(name))
+            if raw not in (None, ""):
+                values[name] = raw
+        values.update({k: v for k, v in flags.items() if v is not None})
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = []
+            for error in exc.errors(include_url=False, include_input=False):
+                name = str(error["loc"][0]) if error["loc"] else "?"
+                problems.append(f"{name} ({cls.env_name(name)}): {error['msg']}")
+            raise SettingsError("invalid settings: " + "; ".join(problems)) from None

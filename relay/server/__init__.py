@@ -1,0 +1,1 @@
+"""The relay's HTTP side: aiohttp app factory, routes and the serve loop."""

@@ -1,0 +1,45 @@
+"""Which upstream a relay talks to, decided once at start-up from the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlencode
+
+from relay.config import Settings
+
+OPENAI_REALTIME_URL = "wss://api.openai.com/v1/realtime"
+
+
+@dataclass(frozen=True)
+class UpstreamTarget:
+    kind: Literal["openai", "url", "simulator"]
+    url: str | None  # None for the simulator until it has started
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # holds the key: never print it
+
+    def describe(self) -> str:
+        """One log line; never contains the key."""
+        if self.kind == "simulator":
+            where = f" at {self.url}" if self.url else ""
+            return f"upstream: built-in Realtime simulator{where} (no OPENAI_API_KEY or RELAY_UPSTREAM_URL set)"
+        keyed = "with a key" if self.headers else "without a key"
+        label = "OpenAI Realtime API" if self.kind == "openai" else "RELAY_UPSTREAM_URL"
+        return f"upstream: {label} {self.url.split('?')[0] if self.url else ''} ({keyed})"
+
+
+def _auth_headers(header: str, key: str | None) -> dict[str, str]:
+    if key is None:
+        return {}
+    return {header: f"Bearer {key}"} if header.lower() == "authorization" else {header: key}
+
+
+def choose_upstream(settings: Settings) -> UpstreamTarget:
+    """RELAY_UPSTREAM_URL (as given) > OPENAI_API_KEY (OpenAI) > the built-in simulator."""
+    openai_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+    if settings.upstream_url:
+        key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else openai_key
+        return UpstreamTarget("url", settings.upstream_url, _auth_headers(settings.upstream_auth_header, key))
+    if openai_key:
+        url = f"{OPENAI_REALTIME_URL}?{urlencode({'model': settings.model})}"
+        return UpstreamTarget("openai", url, _auth_headers("Authorization", openai_key))
+    return UpstreamTarget("simulator", None)
