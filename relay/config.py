@@ -6,6 +6,8 @@ command line wins. Secrets are `SecretStr`: they print as '**********' and never
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 from typing import Any, Literal, Mapping
 
@@ -38,6 +40,59 @@ class Settings(BaseModel):
         description="header carrying the upstream key: 'Authorization' sends 'Bearer <key>'; "
         "any other name (e.g. Azure's 'api-key') sends the key as is",
     )
+
+    ice_servers: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description='ICE servers for the relay\'s peer, as JSON in the WebRTC form, e.g. [{"urls": "stun:stun.example.org:3478"}] '
+        "(default: none, host candidates only)",
+    )
+    ice_addresses: list[str] = Field(
+        default_factory=list,
+        description="comma-separated addresses to gather host candidates on (default: every non-loopback interface)",
+    )
+    max_sdp_bytes: int = Field(65536, ge=1024, description="largest SDP offer or signaling body accepted (bytes)")
+    upstream_timeout_s: float = Field(10.0, gt=0, description="how long to wait for the upstream when a call starts")
+    call_idle_timeout_s: float = Field(
+        30.0, gt=0, description="end a call when neither media nor data-channel messages arrive for this long"
+    )
+    interruptions: bool = Field(
+        True, description="flush the model's audio when the user starts speaking (false: keep talking through)"
+    )
+    reorder_window: int = Field(2, ge=0, le=16, description="packets the inbound audio may wait for a late packet")
+
+    @field_validator("ice_addresses", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("ice_addresses")
+    @classmethod
+    def _ip_addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            ipaddress.ip_address(address)  # ValueError names the bad one
+        return value
+
+    @field_validator("ice_servers", mode="before")
+    @classmethod
+    def _json_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"must be a JSON list of ICE servers: {exc}") from None
+        return value
+
+    @field_validator("ice_servers")
+    @classmethod
+    def _ice_server_urls(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for server in value:
+            urls = server.get("urls")
+            urls = [urls] if isinstance(urls, str) else urls
+            if not urls or not all(isinstance(u, str) and u.split(":", 1)[0] in {"stun", "turn", "turns"} for u in urls):
+                raise ValueError("every ICE server needs 'urls' with stun:, turn: or turns: URLs")
+        return value
 
     @field_validator("upstream_url")
     @classmethod

@@ -12,21 +12,22 @@ from aiohttp import web
 from relay.config import Settings
 from relay.simulator.config import SimConfig
 from relay.simulator.server import RunningSimulator, start_simulator
+from relay.server.calls import add_call_routes
 from relay.upstream.target import UpstreamTarget, choose_upstream
+from relay.webrtc.aiortc_internals import restrict_host_addresses
 
 log = logging.getLogger("relay")
-
-UPSTREAM: web.AppKey[UpstreamTarget] = web.AppKey("upstream")
-
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def create_app(upstream: UpstreamTarget) -> web.Application:
-    app = web.Application()
-    app[UPSTREAM] = upstream
+def create_app(settings: Settings, upstream: UpstreamTarget) -> web.Application:
+    """The relay's routes. Applies the process-wide ICE address restriction (aioice has no per-call option)."""
+    restrict_host_addresses(settings.ice_addresses)
+    app = web.Application(client_max_size=settings.max_sdp_bytes)
     app.router.add_get("/healthz", healthz)
+    add_call_routes(app, settings, upstream)
     return app
 
 
@@ -45,7 +46,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         simulator = await start_simulator(SimConfig(default_model=settings.model), "127.0.0.1", 0)
         upstream = UpstreamTarget("simulator", f"{simulator.url}?model={settings.model}")
     log.info(upstream.describe())
-    runner = web.AppRunner(create_app(upstream), access_log=None, handle_signals=False)
+    app = create_app(settings, upstream)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()

@@ -1,0 +1,95 @@
+"""Opening the WebSocket to the upstream Realtime endpoint, ready for a call.
+
+A call is answered only once the upstream is really there: connected, `session.created` received, and, when the
+client posted a session configuration, `session.updated` for it. Anything else becomes an UpstreamError carrying
+the HTTP status the signaling answer should use, so a dead or misconfigured upstream is reported at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import websockets
+
+from relay.upstream.target import UpstreamTarget
+
+log = logging.getLogger("relay.upstream")
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+
+class UpstreamError(Exception):
+    """Why the upstream is not usable; `status`, `code` and `message` are safe to show the client."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+
+
+async def open_upstream(
+    target: UpstreamTarget, session: dict[str, Any] | None, timeout: float
+) -> tuple[websockets.ClientConnection, list[str]]:
+    """Connect and prepare the session. Returns the socket and the events received so far (raw JSON text, to be
+    forwarded to the client once its data channel opens)."""
+    assert target.url is not None
+    try:
+        ws = await asyncio.wait_for(
+            websockets.connect(
+                target.url,
+                additional_headers=target.headers,
+                max_size=MAX_EVENT_BYTES,
+                compression=None,  # deflate costs CPU on every audio event and buys little on base64
+                open_timeout=None,  # bounded by wait_for
+                ping_interval=20,
+                ping_timeout=20,
+            ),
+            timeout,
+        )
+    except asyncio.TimeoutError:
+        raise UpstreamError(503, "upstream_timeout", "The model service did not answer in time.") from None
+    except (OSError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
+        log.warning("upstream connection failed: %s", type(exc).__name__)
+        raise UpstreamError(502, "upstream_unavailable", "The model service cannot be reached.") from None
+    try:
+        received: list[str] = []
+        await _expect(ws, "session.created", received, timeout)
+        if session is not None:
+            await ws.send(json.dumps({"type": "session.update", "event_id": "relay_initial_session", "session": session}))
+            await _expect(ws, "session.updated", received, timeout, client_input=True)
+        return ws, received
+    except BaseException:
+        await ws.close()
+        raise
+
+
+async def _expect(ws: websockets.ClientConnection, wanted: str, received: list[str], timeout: float,
+                  client_input: bool = False) -> None:
+    """Read until `wanted`; an `error` first is the client's fault (400) when it answers the client's own session,
+    the relay's configuration otherwise (502)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                text = await ws.recv()
+                event = json.loads(text)
+                received.append(text)
+                if event.get("type") == wanted:
+                    return
+                if event.get("type") == "error":
+                    error = event.get("error") or {}
+                    if client_input:
+                        raise UpstreamError(400, str(error.get("code") or "invalid_session"),
+                                            str(error.get("message") or "The session was refused."), error.get("param"))
+                    log.warning("upstream refused the connection: %s", error.get("code"))
+                    raise UpstreamError(502, "upstream_refused",
+                                        "The model service refused the relay's connection.")
+    except asyncio.TimeoutError:
+        raise UpstreamError(503, "upstream_timeout", "The model service did not answer in time.") from None
+    except websockets.ConnectionClosed:
+        raise UpstreamError(502, "upstream_closed", "The model service closed the connection.") from None
+    except ValueError:
+        raise UpstreamError(502, "upstream_protocol_error", "The model service sent something unreadable.") from None

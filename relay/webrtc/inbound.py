@@ -1,0 +1,91 @@
+"""The client's audio, from RTP packets to 20 ms chunks of 24 kHz PCM16, inline as each packet arrives.
+
+Installed in place of aiortc's audio jitter buffer (see aiortc_internals). Per packet: in-order release with a small
+reorder window, Opus decode on the event loop (no thread handoff), silence for lost or missing audio so the
+upstream's audio timeline stays aligned with real time, resampling, and 20 ms chunks handed to `sink`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import av
+
+from relay.audio.convert import CHUNK_24K, Chunker, Downsampler
+from relay.core.reorder import ReorderBuffer
+
+
+@dataclass
+class InboundStats:
+    packets: int = 0
+    lost: int = 0
+    late: int = 0
+    decode_errors: int = 0
+    gap_fill_ms: float = 0.0
+
+
+def _timestamp_distance(a: int, b: int) -> int:
+    """b - a on the 32-bit RTP timestamp circle."""
+    return (b - a + 2**31) % 2**32 - 2**31
+
+
+class InboundAudio:
+    def __init__(
+        self,
+        sink: Callable[[bytes], None],
+        reorder_window: int = 2,
+        max_gap_fill_ms: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sink = sink
+        self._reorder: ReorderBuffer[Any] = ReorderBuffer(reorder_window)
+        self._decoder = av.CodecContext.create("libopus", "r")
+        self._decoder.sample_rate = 48000
+        self._decoder.layout = "stereo"
+        self._decoder.format = "s16"
+        self._downsampler = Downsampler()
+        self._chunks = Chunker(CHUNK_24K)
+        self._next_timestamp: int | None = None
+        self._max_gap_samples = max_gap_fill_ms * 48
+        self._clock = clock
+        self.last_packet_at: float | None = None
+        self.stats = InboundStats()
+
+    # aiortc's JitterBuffer interface: called for every depayloaded RTP packet of the audio receiver.
+    def add(self, packet: Any) -> tuple[bool, None]:
+        self.last_packet_at = self._clock()
+        self.stats.packets += 1
+        for ready in self._reorder.push(packet.sequence_number, packet):
+            self._decode(ready.timestamp, ready._data)
+        self.stats.lost = self._reorder.lost
+        self.stats.late = self._reorder.late
+        return False, None
+
+    def _decode(self, timestamp: int, payload: bytes) -> None:
+        if self._next_timestamp is not None:
+            missing = _timestamp_distance(self._next_timestamp, timestamp)
+            if missing > 0:
+                self._fill(min(missing, self._max_gap_samples))
+        if not payload:
+            return
+        try:
+            frames = self._decoder.decode(av.Packet(payload))
+        except av.error.FFmpegError:
+            self.stats.decode_errors += 1
+            return
+        samples = 0
+        for frame in frames:
+            samples += frame.samples
+            self._emit(self._downsampler.convert(frame))
+        self._next_timestamp = (timestamp + samples) % 2**32
+
+    def _fill(self, samples_48k: int) -> None:
+        """Silence for audio that never came (a lost packet, or the client pausing)."""
+        self.stats.gap_fill_ms += samples_48k / 48
+        self._emit(bytes(samples_48k // 2 * 2))  # 24 kHz PCM16: 2 bytes a sample, half the 48 kHz count
+
+    def _emit(self, pcm24: bytes) -> None:
+        for chunk in self._chunks.push(pcm24):
+            self._sink(chunk)

@@ -1,0 +1,62 @@
+"""The outbound track: exactly one 20 ms frame per recv(), on a monotonic-clock schedule.
+
+aiortc's sender awaits recv(), encodes and sends at once, so pacing is this track's job. The schedule is anchored
+(frame k is due at start + k * 20 ms), so sleeps do not accumulate drift. After a stall (the loop was blocked) the
+schedule is re-anchored instead of sending the missed frames in a burst. Timestamps grow by exactly 960 per frame.
+When there is nothing to play the track sends silence: RTP never stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+from collections import deque
+from typing import Callable
+
+from aiortc import MediaStreamTrack
+from av import AudioFrame
+
+from relay.audio.convert import FRAME_BYTES_48K_STEREO, FRAME_SAMPLES_48K, WEBRTC_RATE
+
+FRAME_S = 0.020
+TIME_BASE = fractions.Fraction(1, WEBRTC_RATE)
+_SILENCE = bytes(FRAME_BYTES_48K_STEREO)
+_MAX_LATE_S = 3 * FRAME_S  # later than this, re-anchor rather than catch up
+
+
+class PlayoutTrack(MediaStreamTrack):
+    kind = "audio"
+
+    def __init__(self, next_frame: Callable[[], bytes | None], clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._next_frame = next_frame
+        self._clock = clock
+        self._start: float | None = None
+        self._index = 0
+        self.lateness = deque(maxlen=3000)  # seconds each frame left after its due time (the last minute)
+        self.reanchors = 0
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise asyncio.CancelledError  # aiortc's sender stops on this
+        now = self._clock()
+        if self._start is None:
+            self._start = now
+        due = self._start + self._index * FRAME_S
+        if due > now:
+            await asyncio.sleep(due - now)
+            now = self._clock()
+        elif now - due > _MAX_LATE_S:
+            self.reanchors += 1
+            self._start = now - self._index * FRAME_S
+            due = now
+        self.lateness.append(now - due)
+        data = self._next_frame() or _SILENCE
+        frame = AudioFrame(format="s16", layout="stereo", samples=FRAME_SAMPLES_48K)
+        frame.planes[0].update(data)
+        frame.sample_rate = WEBRTC_RATE
+        frame.pts = self._index * FRAME_SAMPLES_48K
+        frame.time_base = TIME_BASE
+        self._index += 1
+        return frame

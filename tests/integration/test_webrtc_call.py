@@ -1,0 +1,347 @@
+"""Real calls: an aiortc client peer, the relay's aiohttp app, the simulator upstream, all on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp import web
+
+from relay.config import Settings
+from relay.server.app import create_app
+from relay.server.calls import CALLS
+from relay.simulator.config import SimConfig
+from relay.simulator.server import start_simulator
+from relay.upstream.target import choose_upstream
+from tests.audio_checks import best_alignment, loud_ms, tone
+from tests.conftest import FAST
+from tests.webrtc_client import call_relay, load_pcm48, silence48, strip_candidates
+
+HELLO48 = load_pcm48("speech_hello_48k.wav")
+ECHO_CORRELATION = 0.8  # two Opus passes and two resamplings measure ~0.89
+
+
+async def _serve(settings: Settings):
+    app = create_app(settings, choose_upstream(settings))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return app, runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+class Relay:
+    def __init__(self, app, url, simulator):
+        self.app, self.url, self.simulator = app, url, simulator
+
+    @property
+    def calls(self):
+        return self.app[CALLS]
+
+    def upstream_received(self, session_index: int = -1) -> list[dict]:
+        return self.simulator.recorder.sessions[session_index].received
+
+
+def relay_settings(upstream_url: str, **overrides) -> Settings:
+    return Settings.load(env={}, upstream_url=upstream_url, ice_addresses="127.0.0.1", **overrides)
+
+
+@pytest.fixture
+async def relay(simulator):
+    app, runner, url = await _serve(relay_settings(simulator.url + "?model=gpt-realtime", call_idle_timeout_s="3"))
+    yield Relay(app, url, simulator)
+    await runner.cleanup()
+
+
+async def _ended(relay: Relay, call_id: str, timeout: float = 15.0) -> None:
+    async with asyncio.timeout(timeout):
+        while call_id in relay.calls:
+            await asyncio.sleep(0.05)
+
+
+# --- a whole turn ----------------------------------------------------------------------------------------------
+
+
+async def test_a_call_echoes_speech_with_the_webrtc_event_sequence(relay):
+    call = await call_relay(relay.url)
+    try:
+        await call.wait_for("session.created")
+        call.mic.say(silence48(300))
+        call.mic.say(HELLO48)
+        call.mic.say(silence48(1200))
+        await call.wait_for("output_audio_buffer.stopped", timeout=20)
+        types = call.types()
+        assert types[0] == "session.created"
+        assert "response.output_audio.delta" not in types  # audio goes by RTP only
+        for earlier, later in [
+            ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped"),
+            ("response.content_part.added", "output_audio_buffer.started"),
+            ("output_audio_buffer.started", "output_audio_buffer.stopped"),
+            ("response.done", "output_audio_buffer.stopped"),
+        ]:
+            assert types.index(earlier) < types.index(later), (earlier, later)
+        started = next(e for e in call.events if e["type"] == "output_audio_buffer.started")
+        done = next(e for e in call.events if e["type"] == "response.done")
+        assert started["response_id"] == done["response"]["id"]
+        _, score = best_alignment(call.received(), HELLO48)
+        assert score >= ECHO_CORRELATION
+        # The upstream heard the speech as a stream of 20 ms appends.
+        appends = [e for e in relay.upstream_received() if e.get("type") == "input_audio_buffer.append"]
+        assert appends and {e["audio_bytes"] for e in appends[1:-1]} == {960}
+    finally:
+        await call.close()
+
+
+async def test_an_offer_without_candidates_connects_by_peer_reflexive_discovery(relay):
+    call = await call_relay(relay.url, mutate_offer=strip_candidates)
+    try:
+        await call.wait_for("session.created")
+        call.mic.say(silence48(200))
+        call.mic.say(HELLO48)
+        call.mic.say(silence48(900))
+        await call.wait_for("response.done", timeout=20)
+    finally:
+        await call.close()
+
+
+async def test_a_multipart_session_is_applied_before_the_answer(relay):
+    session = {"type": "realtime", "instructions": "Be brief.", "audio": {"output": {"voice": "cedar"}}}
+    call = await call_relay(relay.url, session=session)
+    try:
+        updated = await call.wait_for("session.updated")
+        assert updated["session"]["instructions"] == "Be brief." and updated["session"]["audio"]["output"]["voice"] == "cedar"
+        assert call.types()[:2] == ["session.created", "session.updated"]
+        assert relay.upstream_received()[0]["type"] == "session.update"
+    finally:
+        await call.close()
+
+
+# --- barge-in --------------------------------------------------------------------------------------------------
+
+
+async def test_barge_in_stops_the_audio_and_truncates_to_what_the_client_heard(relay):
+    call = await call_relay(relay.url)
+    try:
+        await call.wait_for("session.created")
+        call.mic.say(silence48(400))
+        call.mic.say(tone(1500))  # a steady tone: its cut point can be found to a few ms
+        call.mic.say(silence48(600))
+        started = await call.wait_for("output_audio_buffer.started", timeout=20)
+        speech = next(e for e in call.events if e["type"] == "input_audio_buffer.speech_started")
+        await asyncio.sleep(1.0)  # 300 ms of prefix padding, then ~700 ms of the echoed tone
+        audio_before = len(call.audio)
+        call.mic.say(tone(600, hz=660))  # the user talks over it
+        cleared = await call.wait_for("output_audio_buffer.cleared", timeout=10)
+        assert cleared["response_id"] == started["response_id"]
+        await asyncio.sleep(0.5)  # let the client's jitter buffer release what was sent before the flush
+
+        truncates = [e for e in relay.upstream_received() if e.get("type") == "conversation.item.truncate"]
+        assert len(truncates) == 1
+        audio_end_ms = truncates[0]["audio_end_ms"]
+
+        received = call.received()
+        echo = received[: sum(len(a) for a in call.audio[:audio_before]) + 48 * 2000]
+        loud = loud_ms(echo)
+        tone_heard_ms = loud[-1] + 5 - loud[0]  # first to last loud 5 ms window of the echoed tone
+        prefix_ms = 400 - speech["audio_start_ms"] if speech["audio_start_ms"] < 400 else 300
+        heard_ms = prefix_ms + tone_heard_ms
+        assert abs(audio_end_ms - heard_ms) <= 20, (audio_end_ms, heard_ms)
+        assert 300 < audio_end_ms < 300 + 1500  # cut inside the tone, not after it
+    finally:
+        await call.close()
+
+
+async def test_client_output_audio_buffer_clear_flushes_cancels_and_truncates(simulator):
+    slow = await start_simulator(SimConfig(**{**FAST.__dict__, "speed": 1.0}))  # still generating while it plays
+    app, runner, url = await _serve(relay_settings(slow.url))
+    relay = Relay(app, url, slow)
+    call = await call_relay(relay.url)
+    try:
+        await call.wait_for("session.created")
+        call.mic.say(silence48(300))
+        call.mic.say(HELLO48)
+        call.mic.say(silence48(900))
+        await call.wait_for("output_audio_buffer.started", timeout=20)
+        await asyncio.sleep(0.4)
+        call.send({"type": "response.cancel"})
+        call.send({"type": "output_audio_buffer.clear"})
+        await call.wait_for("output_audio_buffer.cleared")
+        done = await call.wait_for("response.done")
+        assert done["response"]["status"] == "cancelled"
+        async with asyncio.timeout(5):
+            while not any(e.get("type") == "conversation.item.truncate" for e in relay.upstream_received()):
+                await asyncio.sleep(0.05)
+        # The client's own cancel and the relay's both reached upstream; the loser's error never reaches the client.
+        await asyncio.sleep(0.3)
+        errors = [e for e in call.events if e["type"] == "error"]
+        assert errors == []
+    finally:
+        await call.close()
+        await runner.cleanup()
+        await slow.stop()
+
+
+# --- the data channel ------------------------------------------------------------------------------------------
+
+
+async def test_bad_data_channel_messages_get_errors_and_reach_nobody(relay):
+    call = await call_relay(relay.url)
+    try:
+        await call.wait_for("session.created")
+        bad = [
+            ("{not json", "invalid_json"),
+            (json.dumps({"type": "no.such.event"}), "invalid_value"),
+            (json.dumps({"type": "input_audio_buffer.append", "audio": "AAAA"}), "invalid_value"),
+            (json.dumps({"type": "session.update", "session": {"type": "realtime", "bogus": 1}}), "unknown_parameter"),
+        ]
+        for number, (text, code) in enumerate(bad):
+            call.send(text)
+            error = await call.wait_for("error", after=len(call.events))
+            assert error["error"]["code"] == code, text
+        call.channel.send(b"\x00binary")
+        assert (await call.wait_for("error", after=len(call.events)))["error"]["code"] == "invalid_event"
+        call.send({"type": "response.create", "response": {"output_modalities": ["text"]}})
+        await call.wait_for("response.done")
+        forwarded = [e.get("type") for e in relay.upstream_received() if e.get("type") != "input_audio_buffer.append"]
+        assert forwarded == ["response.create"]
+    finally:
+        await call.close()
+
+
+# --- ending calls ----------------------------------------------------------------------------------------------
+
+
+async def test_hangup_and_delete_end_calls_and_free_everything(relay):
+    baseline = len(asyncio.all_tasks())
+    async with aiohttp.ClientSession() as http:
+        for method in ("hangup", "delete"):
+            call = await call_relay(relay.url)
+            await call.wait_for("session.created")
+            relay_call = relay.calls[call.call_id]
+            if method == "hangup":
+                async with http.post(f"{relay.url}{call.location}/hangup") as response:
+                    assert response.status == 200
+            else:
+                async with http.delete(f"{relay.url}{call.location}") as response:
+                    assert response.status == 204
+            assert call.call_id not in relay.calls
+            assert relay_call.closed.is_set() and not relay_call._tasks
+            assert relay_call.pc.connectionState == "closed"
+            assert relay.simulator.recorder.sessions[-1].ended_at is not None or await relay.simulator.recorder.wait_for(
+                lambda: relay.simulator.recorder.sessions[-1].ended_at)
+            async with http.post(f"{relay.url}{call.location}/hangup") as response:
+                assert response.status == 404 and (await response.json())["error"]["code"] == "call_not_found"
+            await call.close()
+    async with asyncio.timeout(10):
+        while [t for t in asyncio.all_tasks() if t.get_name().startswith("call-")] or len(asyncio.all_tasks()) > baseline:
+            await asyncio.sleep(0.1)
+
+
+async def test_a_client_that_vanishes_is_detected_and_freed(relay):
+    call = await call_relay(relay.url)
+    await call.wait_for("session.created")
+    relay_call = relay.calls[call.call_id]
+    await call.close()  # the peer goes away without hanging up
+    await _ended(relay, call.call_id)
+    assert relay_call.close_reason in {"peer connection closed", "peer connection failed", "idle: no media or messages"}
+    await relay.simulator.recorder.wait_for(lambda: relay.simulator.recorder.sessions[-1].ended_at)
+
+
+async def test_an_upstream_that_drops_ends_the_call_with_an_error_event(simulator):
+    app, runner, url = await _serve(relay_settings(simulator.url + "?sim_close_after_s=1.5"))
+    relay = Relay(app, url, simulator)
+    call = await call_relay(relay.url)
+    try:
+        error = await call.wait_for("error", timeout=10)
+        assert error["error"]["code"] == "upstream_closed"
+        await _ended(relay, call.call_id)
+    finally:
+        await call.close()
+        await runner.cleanup()
+
+
+# --- bad offers and dead upstreams -----------------------------------------------------------------------------
+
+
+async def _post(url: str, data, content_type: str | None) -> tuple[int, dict]:
+    headers = {"Content-Type": content_type} if content_type else {}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/v1/realtime/calls", data=data, headers=headers) as response:
+            return response.status, await response.json()
+
+
+VIDEO_ONLY = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:96 VP8/90000\r\n"
+BROKEN_AUDIO = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:111 opus/48000/2\r\n"
+
+
+@pytest.mark.parametrize(
+    "body, content_type, status, code",
+    [
+        ("v=0\r\n", "text/plain", 415, "unsupported_media_type"),
+        ("hello", "application/sdp", 400, "invalid_offer"),
+        (VIDEO_ONLY, "application/sdp", 400, "invalid_offer"),
+        (BROKEN_AUDIO, "application/sdp", 400, "invalid_offer"),  # no ICE credentials, no DTLS fingerprint
+        ("v=0\r\nm=audio " + "x" * 70_000, "application/sdp", 413, "request_too_large"),
+        (b"\xff\xfe\x00v=0", "application/sdp", 400, "invalid_offer"),
+    ],
+    ids=["wrong-type", "not-sdp", "no-audio", "unusable-audio", "too-large", "not-utf8"],
+)
+async def test_bad_offers_get_a_4xx_with_a_json_error(relay, body, content_type, status, code):
+    got_status, body_json = await _post(relay.url, body, content_type)
+    assert (got_status, body_json["error"]["code"]) == (status, code)
+    assert set(body_json["error"]) == {"message", "type", "code", "param"}
+    assert relay.calls == {}
+
+
+async def test_bad_multipart_bodies_get_a_400(relay):
+    form = aiohttp.FormData()
+    form.add_field("session", "{}", content_type="application/json")
+    status, body = await _post(relay.url, form, None)
+    assert (status, body["error"]["code"]) == (400, "missing_sdp")
+    form = aiohttp.FormData()
+    form.add_field("sdp", BROKEN_AUDIO, content_type="application/sdp")
+    form.add_field("session", "not json", content_type="application/json")
+    status, body = await _post(relay.url, form, None)
+    assert (status, body["error"]["code"]) == (400, "invalid_session")
+
+
+async def test_a_session_the_upstream_refuses_is_a_400_naming_the_parameter(relay):
+    with pytest.raises(AssertionError, match="400") as failure:
+        await call_relay(relay.url, session={"type": "realtime", "temperature": 0.8})
+    assert "unknown_parameter" in str(failure.value) and "session.temperature" in str(failure.value)
+    assert relay.calls == {}
+
+
+async def test_a_dead_upstream_is_a_502(unused_tcp_port):
+    app, runner, url = await _serve(relay_settings(f"ws://127.0.0.1:{unused_tcp_port}/v1/realtime"))
+    try:
+        with pytest.raises(AssertionError, match="502") as failure:
+            await call_relay(url)
+        assert "upstream_unavailable" in str(failure.value)
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_upstream_refusing_the_key_is_a_502(simulator):
+    app, runner, url = await _serve(relay_settings(simulator.url + "?sim_reject_auth=1"))
+    try:
+        with pytest.raises(AssertionError, match="502") as failure:
+            await call_relay(url)
+        assert "upstream_refused" in str(failure.value)
+        assert "sim_reject_auth" not in str(failure.value)  # no internal detail leaks
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_silent_upstream_is_a_503(simulator):
+    app, runner, url = await _serve(
+        relay_settings(simulator.url + "?sim_stall_after_events=0&sim_stall_s=10", upstream_timeout_s="1")
+    )
+    try:
+        with pytest.raises(AssertionError, match="503") as failure:
+            await call_relay(url)
+        assert "upstream_timeout" in str(failure.value)
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,182 @@
+"""A WebRTC client for tests: a real aiortc peer that talks to the relay like OpenAI's own clients do.
+
+It sends a speech file as its microphone (paced in real time, then silence), opens the `oai-events` data channel,
+posts its offer to `POST /v1/realtime/calls`, and records the audio and events it receives, with arrival times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import json
+import re
+import time
+import wave
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import aiohttp
+import numpy as np
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from av import AudioFrame
+
+from tests.helpers import FIXTURES
+from tests.oracle import check_server_event
+
+RATE = 48000
+FRAME = 960  # 20 ms at 48 kHz
+
+
+def load_pcm48(name: str) -> np.ndarray:
+    with wave.open(str(FIXTURES / name)) as wav:
+        assert (wav.getframerate(), wav.getnchannels()) == (RATE, 1)
+        return np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+
+
+def silence48(ms: int) -> np.ndarray:
+    return np.zeros(ms * 48, dtype="<i2")
+
+
+class Microphone(MediaStreamTrack):
+    """Plays queued 48 kHz mono audio in real time, 20 ms per frame, then silence; notes when each frame left."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._queue = np.zeros(0, dtype="<i2")
+        self._start: float | None = None
+        self._index = 0
+        self.sent_samples = 0  # samples sent so far (all frames, silence included)
+        self.marks: dict[str, float] = {}  # label -> the time its first frame was handed over
+        self._pending_marks: list[tuple[int, str]] = []
+
+    def say(self, pcm: np.ndarray, mark: str | None = None) -> None:
+        if mark is not None:
+            self._pending_marks.append((self.sent_samples + self._queue.size, mark))
+        self._queue = np.concatenate((self._queue, pcm))
+
+    async def recv(self) -> AudioFrame:
+        if self._start is None:
+            self._start = time.monotonic()
+        delay = self._start + self._index * 0.02 - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        chunk, self._queue = self._queue[:FRAME], self._queue[FRAME:]
+        if chunk.size < FRAME:
+            chunk = np.concatenate((chunk, np.zeros(FRAME - chunk.size, dtype="<i2")))
+        for position, label in list(self._pending_marks):
+            if position < self.sent_samples + FRAME:
+                self.marks[label] = time.monotonic()
+                self._pending_marks.remove((position, label))
+        frame = AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = RATE
+        frame.pts = self._index * FRAME
+        frame.time_base = fractions.Fraction(1, RATE)
+        self._index += 1
+        self.sent_samples += FRAME
+        return frame
+
+
+@dataclass
+class ClientCall:
+    pc: RTCPeerConnection
+    channel: Any
+    mic: Microphone
+    call_id: str
+    location: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+    event_times: list[float] = field(default_factory=list)
+    audio: list[np.ndarray] = field(default_factory=list)  # received 48 kHz mono frames
+    audio_times: list[float] = field(default_factory=list)
+    _new_event: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+
+    def send(self, event: dict[str, Any] | str) -> None:
+        self.channel.send(event if isinstance(event, str) else json.dumps(event))
+
+    def received(self) -> np.ndarray:
+        return np.concatenate(self.audio) if self.audio else np.zeros(0, dtype="<i2")
+
+    def types(self) -> list[str]:
+        return [e["type"] for e in self.events]
+
+    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool] | str, timeout: float = 15.0,
+                       after: int = 0) -> dict[str, Any]:
+        """The first event (from index `after`) matching `predicate` (or of that type), waiting if needed."""
+        test = (lambda e: e["type"] == predicate) if isinstance(predicate, str) else predicate
+        async with asyncio.timeout(timeout):
+            while True:
+                for event in self.events[after:]:
+                    if test(event):
+                        return event
+                self._new_event.clear()
+                await self._new_event.wait()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.pc.close()
+
+
+def strip_candidates(sdp: str) -> str:
+    """An offer as OpenAI's JavaScript SDK may send it: before ICE gathering, with no candidates."""
+    return "".join(line for line in sdp.splitlines(keepends=True) if not line.startswith(("a=candidate", "a=end-of-candidates")))
+
+
+async def call_relay(base_url: str, mutate_offer: Callable[[str], str] = lambda s: s,
+                     session: dict[str, Any] | None = None, http: aiohttp.ClientSession | None = None) -> ClientCall:
+    """Connect a client peer to the relay; raises AssertionError with the body if it does not answer 201."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    channel = pc.createDataChannel("oai-events")
+    mic = Microphone()
+    pc.addTrack(mic)
+    call = ClientCall(pc, channel, mic, "", "")
+
+    def on_message(message: str) -> None:
+        event = json.loads(message)
+        check_server_event(event)
+        call.events.append(event)
+        call.event_times.append(time.monotonic())
+        call._new_event.set()
+
+    channel.on("message", on_message)
+
+    @pc.on("track")
+    def on_track(track: MediaStreamTrack) -> None:
+        async def record() -> None:
+            with contextlib.suppress(Exception):
+                while True:
+                    frame = await track.recv()
+                    samples = frame.to_ndarray().reshape(-1, 2)[:, 0] if frame.layout.name == "stereo" else frame.to_ndarray().ravel()
+                    call.audio.append(samples.astype("<i2"))
+                    call.audio_times.append(time.monotonic())
+        call._tasks.append(asyncio.ensure_future(record()))
+
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = mutate_offer(pc.localDescription.sdp)
+    owned = http is None
+    http = http or aiohttp.ClientSession()
+    try:
+        if session is None:
+            request = http.post(f"{base_url}/v1/realtime/calls", data=sdp, headers={"Content-Type": "application/sdp"})
+        else:
+            form = aiohttp.FormData()
+            form.add_field("sdp", sdp, content_type="application/sdp")
+            form.add_field("session", json.dumps(session), content_type="application/json")
+            request = http.post(f"{base_url}/v1/realtime/calls", data=form)
+        async with request as response:
+            body = await response.text()
+            if response.status != 201:
+                await pc.close()
+                raise AssertionError(f"relay answered {response.status}: {body}")
+            assert response.content_type == "application/sdp"
+            call.location = response.headers["Location"]
+            call.call_id = re.fullmatch(r"/v1/realtime/calls/(rtc_\w+)", call.location).group(1)
+    finally:
+        if owned:
+            await http.close()
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+    return call
