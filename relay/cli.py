@@ -17,6 +17,7 @@ from relay.simulator.config import ALL_KNOBS, KnobError, SimConfig, with_overrid
 from relay.simulator.config import HELP as SIM_HELP
 
 log = logging.getLogger("relay")
+SECRET_KNOBS = ("api_key",)
 
 
 def _setup_logging(level: str) -> None:
@@ -66,9 +67,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
     _setup_logging(settings.log_level)
-    from relay.server.app import serve
+    from relay.server.app import ListenError, serve
 
-    _run(serve(settings))
+    try:
+        _run(serve(settings))
+    except ListenError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -92,12 +97,15 @@ def _add_simulator(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=8090, help="port to listen on [default: 8090]")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     for f in dataclasses.fields(SimConfig):
+        if f.name in SECRET_KNOBS:
+            continue  # secrets come from the environment only: flags show up in `ps` and shell history
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{SIM_HELP[f.name]} [env {_sim_env(f.name)}; default: {f.default}]"
         if str(f.type).startswith("bool"):
             parser.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, default=None, help=help_text)
+    parser.epilog = "Secrets come from the environment only: " + ", ".join(_sim_env(n) for n in SECRET_KNOBS)
     parser.set_defaults(handler=_simulator)
 
 
@@ -116,7 +124,7 @@ def sim_config_from(values: dict[str, Any], env: Mapping[str, str] | None = None
 def _simulator(args: argparse.Namespace) -> int:
     try:
         config = sim_config_from(vars(args))
-    except (KnobError, ValueError) as exc:
+    except KnobError as exc:
         print(f"relay simulator: {exc}", file=sys.stderr)
         return 2
     _setup_logging(args.log_level)

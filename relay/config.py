@@ -11,9 +11,18 @@ import json
 import os
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 ENV_NAMES = {"openai_api_key": "OPENAI_API_KEY"}
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class SettingsError(ValueError):
@@ -32,7 +41,7 @@ class Settings(BaseModel):
         None, description="any Realtime-compatible WebSocket URL, used as given (wins over OPENAI_API_KEY)"
     )
     upstream_api_key: SecretStr | None = Field(
-        None, description="key sent to RELAY_UPSTREAM_URL (default: OPENAI_API_KEY, if set)"
+        None, description="key sent to RELAY_UPSTREAM_URL (OPENAI_API_KEY never goes to another host)"
     )
     upstream_auth_header: str = Field(
         "Authorization",
@@ -101,6 +110,15 @@ class Settings(BaseModel):
             raise ValueError("must be a ws:// or wss:// URL")
         return value
 
+    @model_validator(mode="after")
+    def _no_key_in_clear(self) -> "Settings":
+        """A key travels over ws:// only to this machine; anywhere else it needs wss://."""
+        if self.upstream_url and self.upstream_api_key and self.upstream_url.startswith("ws://"):
+            host = urlsplit(self.upstream_url).hostname or ""
+            if host != "localhost" and not _is_loopback(host):
+                raise ValueError("upstream_url: a key is sent to a ws:// URL only on loopback; use wss://")
+        return self
+
     @classmethod
     def env_name(cls, field: str) -> str:
         return ENV_NAMES.get(field, "RELAY_" + field.upper())
@@ -120,6 +138,9 @@ class Settings(BaseModel):
         except ValidationError as exc:
             problems = []
             for error in exc.errors(include_url=False, include_input=False):
-                name = str(error["loc"][0]) if error["loc"] else "?"
-                problems.append(f"{name} ({cls.env_name(name)}): {error['msg']}")
+                if error["loc"]:
+                    name = str(error["loc"][0])
+                    problems.append(f"{name} ({cls.env_name(name)}): {error['msg']}")
+                else:
+                    problems.append(str(error["msg"]).removeprefix("Value error, "))
             raise SettingsError("invalid settings: " + "; ".join(problems)) from None

@@ -60,6 +60,8 @@ class Upsampler:
     def __init__(self) -> None:
         self._resampler = AudioResampler(format="s16", layout="mono", rate=WEBRTC_RATE)
         self._frames = Chunker(FRAME_BYTES_48K_STEREO)
+        self._started = False
+        self.lead_ms = 0.0  # silence put before the item's audio to align frames (see push)
 
     def push(self, pcm24: bytes) -> list[bytes]:
         samples = np.frombuffer(pcm24, dtype="<i2")
@@ -67,9 +69,18 @@ class Upsampler:
             return []
         frame = AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = UPSTREAM_RATE
-        mono = b"".join(bytes(out.planes[0])[: out.samples * 2] for out in self._resampler.resample(frame))
-        stereo = np.repeat(np.frombuffer(mono, dtype="<i2"), 2).tobytes()
-        return self._frames.push(stereo)
+        mono = np.frombuffer(
+            b"".join(bytes(out.planes[0])[: out.samples * 2] for out in self._resampler.resample(frame)), dtype="<i2"
+        )
+        if not self._started:
+            # The resampler's delay makes its first output a few samples short of a whole number of frames; every
+            # frame would then wait for the next delta to be complete. A little silence in front (typically under
+            # 1 ms) lines frame boundaries up with the deltas' instead.
+            self._started = True
+            lead = -mono.size % FRAME_SAMPLES_48K
+            self.lead_ms = lead / 48
+            mono = np.concatenate((np.zeros(lead, dtype="<i2"), mono))
+        return self._frames.push(np.repeat(mono, 2).tobytes())
 
     def flush(self) -> list[bytes]:
         """The end of an item: the last partial frame, padded with silence."""

@@ -37,13 +37,15 @@ class ItemPlayout:
     response_id: str
     item_id: str
     received_ms: float = 0.0  # audio the model sent for it
+    lead_ms: float = 0.0  # silence put in front of it to align frames (not the model's audio)
     queued_frames: int = 0
     emitted_frames: int = 0  # frames the playout clock handed to the encoder
 
     @property
     def heard_ms(self) -> int:
-        """What the user heard: frames sent, clamped to what was received (the last frame may be padding)."""
-        return int(min(self.emitted_frames * FRAME_MS, self.received_ms))
+        """What the user heard of the model's audio: frames sent, less the alignment lead, clamped to what was
+        received (the last frame may be padding)."""
+        return int(max(0.0, min(self.emitted_frames * FRAME_MS - self.lead_ms, self.received_ms)))
 
 
 @dataclass
@@ -97,13 +99,15 @@ class CallCore:
             actions += flushed
         return actions
 
-    def on_audio(self, response_id: str, item_id: str, frames: list[bytes], source_ms: float) -> list[Action]:
-        """The model's audio for an item, as 20 ms frames ready for the encoder."""
+    def on_audio(self, response_id: str, item_id: str, frames: list[bytes], source_ms: float,
+                 lead_ms: float = 0.0) -> list[Action]:
+        """The model's audio for an item, as 20 ms frames ready for the encoder; `lead_ms` of silence were put
+        in front of the item's first frame (they are not part of what the user heard of the item)."""
         if response_id in self._flushed:
             return []
         item = self._items.get(item_id)
         if item is None:
-            item = self._items[item_id] = ItemPlayout(response_id, item_id)
+            item = self._items[item_id] = ItemPlayout(response_id, item_id, lead_ms=lead_ms)
         item.received_ms += source_ms
         for frame in frames:
             if len(self._queue) >= self.max_playout_frames:
@@ -163,7 +167,7 @@ class CallCore:
         if self._active_response is not None:
             actions.append(ToUpstream(self._own("response.cancel")))
         for item in [i for i in self._items.values() if i.response_id in responses]:
-            if item.response_id in self._done and item.queued_frames == 0 and item.emitted_frames * FRAME_MS >= item.received_ms:
+            if item.response_id in self._done and item.queued_frames == 0 and item.heard_ms >= item.received_ms:
                 continue  # fully heard: nothing to correct
             if item.heard_ms > 0:
                 self.stats.truncations += 1

@@ -26,7 +26,7 @@ SERVER_EVENT_TYPES: dict[str, type[BaseModel]] = _types_of(m.ServerEvent)
 
 
 class ProtocolError(Exception):
-    """A client event the service refuses. `to_event()` is the `error` event to send back."""
+    """A client event the service refuses. `detail()` is the `error` object of the event to send back."""
 
     def __init__(
         self,
@@ -53,8 +53,13 @@ class ProtocolError(Exception):
         }
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def loads(data: str | bytes) -> Any:
-    return json.loads(data)
+    """Strict JSON: NaN and Infinity are refused (a browser's JSON.parse would choke on them when echoed back)."""
+    return json.loads(data, parse_constant=_no_constant)
 
 
 def dumps(event: dict[str, Any]) -> str:
@@ -77,6 +82,8 @@ def parse_client_event(data: str | bytes | dict[str, Any]) -> m.ClientEvent:
             raise ProtocolError(
                 "invalid_json", f"The server failed to parse the event: {exc}. The event must be a JSON object."
             ) from None
+        except RecursionError:
+            raise ProtocolError("invalid_json", "The event is nested too deeply.") from None
     if not isinstance(data, dict):
         raise ProtocolError("invalid_json", "The event must be a JSON object.")
     event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None
@@ -93,6 +100,8 @@ def parse_client_event(data: str | bytes | dict[str, Any]) -> m.ClientEvent:
         event = cls.model_validate(data)
     except ValidationError as exc:
         raise error_from_validation(exc, event_id) from None
+    except RecursionError:
+        raise ProtocolError("invalid_value", "The event is nested too deeply.", None, event_id) from None
     unknown = unknown_fields(event)
     if unknown:
         raise ProtocolError("unknown_parameter", f"Unknown parameter: '{unknown[0]}'.", unknown[0], event_id)
@@ -195,7 +204,10 @@ def parse_server_event(data: str | bytes | dict[str, Any]) -> m.ServerEvent | Un
     """Parse one server event. Unknown or malformed events come back as UnknownServerEvent, never an exception,
     except for text that is not a JSON object at all (ValueError)."""
     if isinstance(data, (str, bytes)):
-        data = loads(data)
+        try:
+            data = loads(data)
+        except RecursionError:
+            raise ValueError("a server event nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError("a server event must be a JSON object")
     event_type = data.get("type")
@@ -206,3 +218,5 @@ def parse_server_event(data: str | bytes | dict[str, Any]) -> m.ServerEvent | Un
         return cls.model_validate(data)
     except ValidationError as exc:
         return UnknownServerEvent(data, problem=str(error_from_validation(exc, None)))
+    except RecursionError:
+        return UnknownServerEvent(data, problem="nested too deeply")

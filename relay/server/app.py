@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from urllib.parse import urlencode
 
 from aiohttp import web
 
@@ -40,24 +41,32 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             loop.add_signal_handler(sig, stop.set)
     upstream = choose_upstream(settings)
     simulator: RunningSimulator | None = None
-    if upstream.kind == "simulator":
-        # The embedded simulator listens on loopback only; the relay reaches it over a real WebSocket, the same
-        # code path as any other upstream.
-        simulator = await start_simulator(SimConfig(default_model=settings.model), "127.0.0.1", 0)
-        upstream = UpstreamTarget("simulator", f"{simulator.url}?model={settings.model}")
-    log.info(upstream.describe())
-    app = create_app(settings, upstream)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    for address in runner.addresses:
-        host, port = address[0], address[1]
-        log.info("relay listening on http://%s:%d/", f"[{host}]" if ":" in host else host, port)
+    runner: web.AppRunner | None = None
     try:
+        if upstream.kind == "simulator":
+            # The embedded simulator listens on loopback only; the relay reaches it over a real WebSocket, the
+            # same code path as any other upstream.
+            simulator = await start_simulator(SimConfig(default_model=settings.model), "127.0.0.1", 0)
+            upstream = UpstreamTarget("simulator", f"{simulator.url}?{urlencode({'model': settings.model})}")
+        log.info(upstream.describe())
+        runner = web.AppRunner(create_app(settings, upstream), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, settings.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+        for address in runner.addresses:
+            host, port = address[0], address[1]
+            log.info("relay listening on http://%s:%d/", f"[{host}]" if ":" in host else host, port)
         await stop.wait()
-    finally:
         log.info("relay stopping")
-        await runner.cleanup()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
         if simulator is not None:
             await simulator.stop()
+
+
+class ListenError(RuntimeError):
+    """The relay could not open its listening socket (address in use, no permission, ...)."""

@@ -226,7 +226,7 @@ class Call:
             self._upsampler = Upsampler()  # a new item starts from clean resampler state
             self._upsampling_item = item_id
         frames = self._upsampler.push(pcm[: len(pcm) // 2 * 2])
-        self._dispatch(self.core.on_audio(response_id, item_id, frames, len(pcm) / 48))
+        self._dispatch(self.core.on_audio(response_id, item_id, frames, len(pcm) / 48, self._upsampler.lead_ms))
 
     async def _write_upstream(self) -> None:
         assert self.ws is not None

@@ -9,6 +9,7 @@ scenarios, and a relay given that URL as its upstream meets the fault without kn
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -20,10 +21,13 @@ class SimConfig:
     speed: float = 4.0  # audio is generated this many times faster than real time
     delta_ms: int = 100  # audio per response.output_audio.delta
     transcription_delay_ms: int = 200  # user transcription arrives this long after the commit
+    echo_appends: bool = False  # benchmarks: every appended chunk comes straight back as audio (no VAD, no turns)
     # Limits.
     max_session_s: float = 3600.0  # then `session_expired` and close, like the 60-minute limit of the service
     max_message_bytes: int = 16 * 1024 * 1024
     max_buffer_s: float = 300.0  # input audio buffer cap; the oldest audio is dropped beyond it
+    max_items: int = 1000  # conversation items kept; the oldest leave first, as with the service's truncation
+    max_conversation_audio_s: float = 1800.0  # audio kept in the conversation (user and assistant)
     # Auth: when set, `Authorization: Bearer <key>` (or `api-key: <key>`) must match.
     api_key: str | None = None
     reject_auth: bool = False  # refuse every connection as the service refuses a bad key
@@ -39,15 +43,39 @@ class SimConfig:
     record_audio_s: float = 600.0
     default_model: str = "gpt-realtime"
 
+    def __post_init__(self) -> None:
+        for name, low, high in _RANGES:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise KnobError(f"{name}: must be a finite number, got {value}")
+            if not low <= value <= high:
+                raise KnobError(f"{name}: must be between {low} and {high}, got {value}")
+
+
+# (knob, lowest, highest): a value outside would stall, crash or hang the simulator.
+_RANGES = [
+    ("first_delta_delay_ms", 0, 60_000), ("speed", 0.01, 1000.0), ("delta_ms", 10, 10_000),
+    ("transcription_delay_ms", 0, 60_000), ("max_session_s", 0.01, 86_400.0), ("max_message_bytes", 1024, 2**30),
+    ("max_buffer_s", 0.1, 3600.0), ("max_items", 1, 100_000), ("max_conversation_audio_s", 1.0, 86_400.0),
+    ("close_after_events", 0, 10**9), ("close_after_s", 0.0, 86_400.0), ("close_code", 1000, 4999),
+    ("stall_after_events", 0, 10**9), ("stall_s", 0.0, 3600.0), ("record_sessions", 1, 100_000),
+    ("record_audio_s", 0.0, 86_400.0),
+]
+
 
 HELP = {
     "first_delta_delay_ms": "delay from response.created to the first audio delta",
     "speed": "how many times faster than real time response audio is generated",
     "delta_ms": "milliseconds of audio per response.output_audio.delta",
     "transcription_delay_ms": "delay from a commit to its input transcription",
+    "echo_appends": "benchmark mode: return every appended chunk at once as audio of one endless response",
     "max_session_s": "session lifetime; then error session_expired and close",
     "max_message_bytes": "largest WebSocket message accepted",
     "max_buffer_s": "input audio buffer cap in seconds (oldest audio dropped beyond it)",
+    "max_items": "conversation items kept (the oldest leave first)",
+    "max_conversation_audio_s": "seconds of audio kept in the conversation (the oldest items leave first)",
     "api_key": "expected key (Authorization: Bearer, api-key header, or subprotocol); none = any",
     "reject_auth": "refuse every connection with invalid_api_key and close code 3000",
     "close_after_events": "fault: close after sending this many server events",

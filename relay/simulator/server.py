@@ -40,7 +40,10 @@ RECORDER: web.AppKey["Recorder"] = web.AppKey("recorder")
 CONFIG: web.AppKey[SimConfig] = web.AppKey("config")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _MAX_EVENTS_RECORDED = 100_000
+_MAX_RECORDED_EVENT_CHARS = 64 * 1024  # a larger event is recorded by its type and size only
+_MAX_BACKLOG_EVENTS = 1000  # a client that stops reading stops being read
 _KEY_PROTOCOL = "openai-insecure-api-key."
+SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")
 
 
 @dataclass
@@ -59,22 +62,33 @@ class SessionRecord:
     received: list[Any] = field(default_factory=list)
     sent_types: list[str] = field(default_factory=list)
     input_audio: bytearray = field(default_factory=bytearray)
+    # (monotonic arrival time, bytes of audio received so far) per append: when each piece of audio got here
+    append_arrivals: list[tuple[float, int]] = field(default_factory=list)
 
     def on_received(self, text: str) -> None:
+        """Record one client message: appended audio joins input_audio, other audio is kept by its size only."""
+        if len(self.received) >= _MAX_EVENTS_RECORDED:
+            return
         try:
             event = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             event = {"unparsed": text[:200]}
-        if isinstance(event, dict) and event.get("type") == "input_audio_buffer.append" and isinstance(event.get("audio"), str):
+        if not isinstance(event, dict):
+            event = {"unparsed": text[:200]}
+        elif event.get("type") == "input_audio_buffer.append" and isinstance(event.get("audio"), str):
             try:
                 pcm = base64.b64decode(event["audio"], validate=True)
             except (binascii.Error, ValueError):
                 pcm = b""
             room = self.max_audio_bytes - len(self.input_audio)
             self.input_audio += pcm[: max(0, room)]
+            self.append_arrivals.append((time.monotonic(), len(self.input_audio)))
             event = {k: v for k, v in event.items() if k != "audio"} | {"audio_bytes": len(pcm)}
-        if len(self.received) < _MAX_EVENTS_RECORDED:
-            self.received.append(event)
+        elif len(text) > _MAX_RECORDED_EVENT_CHARS:
+            event = {"type": event.get("type"), "event_id": event.get("event_id"), "oversized_chars": len(text)}
+        else:
+            _strip_item_audio(event)
+        self.received.append(event)
 
     def on_sent(self, event_type: str) -> None:
         if len(self.sent_types) < _MAX_EVENTS_RECORDED:
@@ -97,6 +111,14 @@ class SessionRecord:
             "sent_count": len(self.sent_types),
             "input_audio_ms": voice.audio_ms(len(self.input_audio)),
         }
+
+
+def _strip_item_audio(event: dict[str, Any]) -> None:
+    item = event.get("item")
+    if isinstance(item, dict) and isinstance(item.get("content"), list):
+        for part in item["content"]:
+            if isinstance(part, dict) and isinstance(part.get("audio"), str):
+                part["audio_chars"] = len(part.pop("audio"))
 
 
 class Recorder:
@@ -175,6 +197,7 @@ async def realtime_endpoint(request: web.Request) -> web.StreamResponse:
     model = request.query.get("model", config.default_model)
     ws = web.WebSocketResponse(protocols=("realtime",), heartbeat=20.0, max_msg_size=config.max_message_bytes)
     await ws.prepare(request)
+    request.app[SOCKETS].add(ws)
     recorder = request.app[RECORDER]
     query = {k: v for k, v in request.query.items()}
     record = recorder.start(model, query)
@@ -188,6 +211,7 @@ async def realtime_endpoint(request: web.Request) -> web.StreamResponse:
         record.authorized = True
         await _run_session(ws, request, config, model, record, recorder)
     finally:
+        request.app[SOCKETS].discard(ws)
         record.ended_at = time.time()
         record.close_code = ws.close_code
         await recorder.notify()
@@ -200,17 +224,25 @@ async def _run_session(
     loop = asyncio.get_running_loop()
     session = SimSession(config, model, loop.time())
     record.session_id = session.id
-    wake = asyncio.Event()
+    wake = asyncio.Event()  # something to send, or the reader ended
+    drained = asyncio.Event()  # the writer caught up: the reader may go on
+    drained.set()
 
     async def read() -> None:
-        async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
-                record.on_received(msg.data)
-                session.receive(msg.data, loop.time())
-            elif msg.type == WSMsgType.BINARY:
-                session.receive_binary(loop.time())
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    record.on_received(msg.data)
+                    session.receive(msg.data, loop.time())
+                elif msg.type == WSMsgType.BINARY:
+                    session.receive_binary(loop.time())
+                wake.set()
+                await recorder.notify()
+                if session.backlog > _MAX_BACKLOG_EVENTS:
+                    drained.clear()
+                    await drained.wait()
+        finally:
             wake.set()
-            await recorder.notify()
 
     reader = asyncio.create_task(read(), name=f"sim-read-{session.id}")
     close_at = loop.time() + config.close_after_s if config.close_after_s is not None else None
@@ -230,6 +262,7 @@ async def _run_session(
                 if config.close_after_events is not None and sent >= config.close_after_events:
                     await _fault_close(ws, request, config)
                     return
+            drained.set()
             if session.closing is not None:
                 code, reason = session.closing
                 await ws.close(code=code, message=reason.encode())
@@ -239,15 +272,15 @@ async def _run_session(
                 return
             deadlines = [d for d in (session.next_deadline(), close_at) if d is not None]
             timeout = max(0.0, min(deadlines) - loop.time()) if deadlines else None
-            waiter = asyncio.create_task(wake.wait())
-            await asyncio.wait({waiter, reader}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-    except ConnectionResetError:
-        pass  # the client went away mid-send
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout)
+    except ConnectionError:
+        pass  # the client went away while we were sending
     finally:
         reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
-            await reader
+        (outcome,) = await asyncio.gather(reader, return_exceptions=True)
+        if isinstance(outcome, Exception) and not isinstance(outcome, ConnectionError):
+            log.error("simulator session %s: reader failed", session.id, exc_info=outcome)
 
 
 async def _fault_close(ws: web.WebSocketResponse, request: web.Request, config: SimConfig) -> None:
@@ -258,6 +291,23 @@ async def _fault_close(ws: web.WebSocketResponse, request: web.Request, config: 
 
 
 # --- record endpoints --------------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def _records_need_the_key(request: web.Request, handler):
+    config = request.app[CONFIG]
+    if request.path.startswith("/v1/simulator/") and config.api_key is not None:
+        if not hmac.compare_digest(_presented_key(request) or "", config.api_key):
+            return web.json_response(
+                {"error": {"type": "invalid_request_error", "code": "invalid_api_key", "message": "A valid key is needed."}},
+                status=401,
+            )
+    return await handler(request)
+
+
+async def _close_sockets(app: web.Application) -> None:
+    await asyncio.gather(*(ws.close(code=1001, message=b"server shutdown") for ws in list(app[SOCKETS])),
+                         return_exceptions=True)
 
 
 def _record_or_404(request: web.Request) -> SessionRecord:
@@ -299,9 +349,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def create_app(config: SimConfig) -> web.Application:
-    app = web.Application(client_max_size=config.max_message_bytes)
+    app = web.Application(client_max_size=config.max_message_bytes, middlewares=[_records_need_the_key])
     app[CONFIG] = config
     app[RECORDER] = Recorder(config.record_sessions, config.record_audio_s)
+    app[SOCKETS] = set()
+    app.on_shutdown.append(_close_sockets)
     app.router.add_get("/v1/realtime", realtime_endpoint)
     app.router.add_get("/v1/simulator/sessions", list_sessions)
     app.router.add_delete("/v1/simulator/sessions", clear_sessions)

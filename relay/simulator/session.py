@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import re
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -37,10 +38,19 @@ SERVER_VAD_DEFAULTS = {
 SEMANTIC_VAD_DEFAULTS = {"type": "semantic_vad", "eagerness": "auto", "create_response": True, "interrupt_response": True}
 # Semantic VAD has no model here: its eagerness only sets how much silence ends a turn.
 SEMANTIC_SILENCE_MS = {"low": 1000, "medium": 600, "auto": 600, "high": 300}
+log = logging.getLogger("relay.simulator")
 MIN_COMMIT_MS = 100
 VAD_IDLE_KEEP_MS = 5000  # with VAD on and nobody speaking, older buffered audio is dropped
 # session.update merges these objects key by key; any other value is replaced whole.
 _MERGED_KEYS = {"audio", "input", "output"}
+# Fields that may be left out of a session.update but not set to null.
+_NOT_NULL = {
+    "model", "instructions", "output_modalities", "audio", "audio.input", "audio.output", "audio.input.format",
+    "audio.output.format", "audio.output.voice", "audio.output.speed", "tools", "tool_choice", "max_output_tokens",
+    "truncation", "audio.input.format.rate", "audio.output.format.rate",
+    *(f"audio.input.turn_detection.{k}" for k in (
+        "threshold", "prefix_padding_ms", "silence_duration_ms", "create_response", "interrupt_response", "eagerness")),
+}
 
 
 def default_session(session_id: str, model: str, expires_at: int) -> dict[str, Any]:
@@ -153,6 +163,7 @@ class SimSession:
         self._vad = self._new_vad()
         self._prev_input_tokens = (0, 0)  # (text, audio) of the last response: the cacheable prefix
         self._assistant_audio_sent = False
+        self._turns = 0  # user turns so far: an idle timeout armed before a new turn is void
         self._at(now + config.max_session_s, self._expire)
         self._emit("session.created", session=copy.deepcopy(self.session))
 
@@ -160,16 +171,17 @@ class SimSession:
 
     def receive(self, text: str, now: float) -> None:
         self.advance(now)
+        event_id = None
         try:
             event = parse_client_event(text)
-        except ProtocolError as error:
-            self._error(error)
-            return
-        try:
+            event_id = event.event_id
             getattr(self, "_on_" + event.type.replace(".", "_"))(event)
         except ProtocolError as error:
-            error.event_id = error.event_id or event.event_id
+            error.event_id = error.event_id or event_id
             self._error(error)
+        except Exception:  # a defect must cost one error event, never the session
+            log.exception("simulator session %s failed on a client event", self.id)
+            self._error(ProtocolError("server_error", "The simulator failed on this event.", None, event_id, "server_error"))
 
     def receive_binary(self, now: float) -> None:
         self.advance(now)
@@ -180,11 +192,21 @@ class SimSession:
         while self._timers and self._timers[0][0] <= now:
             due, _, action = heapq.heappop(self._timers)
             self._now = due
-            action()
+            try:
+                action()
+            except Exception:
+                log.exception("simulator session %s failed in a timer", self.id)
+                self.response = None
+                self._error(ProtocolError("server_error", "The simulator failed.", error_type="server_error"))
         self._now = now
 
     def next_deadline(self) -> float | None:
         return self._timers[0][0] if self._timers else None
+
+    @property
+    def backlog(self) -> int:
+        """Events produced but not yet taken by the adapter."""
+        return len(self._out)
 
     def take_outgoing(self) -> list[dict[str, Any]]:
         out, self._out = self._out, []
@@ -211,10 +233,14 @@ class SimSession:
         if previous_item_id is None:
             previous = self._last_item_id()
             self.items.append(item)
+        elif previous_item_id == "root":
+            previous = None
+            self.items.insert(0, item)
         else:
             previous = previous_item_id
             index = next(i for i, it in enumerate(self.items) if it.id == previous_item_id)
             self.items.insert(index + 1, item)
+        self._evict_old_items()
         self._emit("conversation.item.added", previous_item_id=previous, item=item.public())
         self._emit("conversation.item.done", previous_item_id=previous, item=item.public())
 
@@ -222,17 +248,16 @@ class SimSession:
     def _turn_detection(self) -> dict[str, Any] | None:
         return self.session["audio"]["input"]["turn_detection"]
 
-    def _new_vad(self) -> EnergyVad | None:
+    def _vad_settings(self) -> VadSettings:
         td = self._turn_detection
-        if td is None:
-            return None
         if td["type"] == "semantic_vad":
-            settings = VadSettings(silence_duration_ms=SEMANTIC_SILENCE_MS[td.get("eagerness") or "auto"])
-        else:
-            settings = VadSettings(td["threshold"], td["prefix_padding_ms"], td["silence_duration_ms"])
-        vad = EnergyVad(settings)
-        vad._position_ms = self._appended_ms  # keep one timeline across reconfigurations
-        return vad
+            return VadSettings(silence_duration_ms=SEMANTIC_SILENCE_MS[td.get("eagerness") or "auto"])
+        return VadSettings(td["threshold"], td["prefix_padding_ms"], td["silence_duration_ms"])
+
+    def _new_vad(self) -> EnergyVad | None:
+        if self._turn_detection is None:
+            return None
+        return EnergyVad(self._vad_settings(), start_ms=self._appended_ms)  # one timeline across reconfigurations
 
     @property
     def _appended_ms(self) -> int:
@@ -245,15 +270,30 @@ class SimSession:
         for key in ("id", "object", "expires_at"):
             if key in changes:
                 raise ProtocolError("invalid_value", f"'session.{key}' is set by the server.", f"session.{key}")
+        for path in _null_paths(changes):
+            if path in _NOT_NULL:
+                raise ProtocolError(
+                    "invalid_type", f"Invalid type for 'session.{path}': expected a value, but got null instead.",
+                    f"session.{path}",
+                )
         updated = copy.deepcopy(self.session)
         _merge(updated, changes)
+        for tool in updated["tools"]:
+            tool.setdefault("type", "function")
         self._check_session(updated, changes)
-        vad_changed = updated["audio"]["input"]["turn_detection"] != self._turn_detection
         self.session = updated
-        if vad_changed:
-            self._vad = self._new_vad()
-            self._speech_item_id = None
+        self._reconfigure_vad()
         self._emit("session.updated", session=copy.deepcopy(self.session))
+
+    def _reconfigure_vad(self) -> None:
+        """Follow turn_detection without losing a turn in progress."""
+        if self._turn_detection is None:
+            self._vad = None
+            self._speech_item_id = None
+        elif self._vad is None:
+            self._vad = self._new_vad()
+        else:
+            self._vad.settings = self._vad_settings()
 
     def _check_session(self, updated: dict[str, Any], changes: dict[str, Any]) -> None:
         for direction in ("input", "output"):
@@ -289,6 +329,11 @@ class SimSession:
             pcm = base64.b64decode(event.audio, validate=True)
         except (binascii.Error, ValueError):
             raise ProtocolError("invalid_value", "Invalid 'audio': expected base64-encoded PCM16 audio.", "audio") from None
+        if len(pcm) % 2:
+            raise ProtocolError("invalid_value", "Invalid 'audio': PCM16 audio has an even number of bytes.", "audio")
+        if self.config.echo_appends:
+            self._echo(pcm)
+            return
         floor_ms = voice.audio_ms(self._buffer_start)
         self._buffer += pcm
         if self._vad is None:
@@ -304,6 +349,16 @@ class SimSession:
         else:
             self._cap_buffer(int(self.config.max_buffer_s * 1000))
 
+    def _echo(self, pcm: bytes) -> None:
+        """Benchmark mode: the chunk comes straight back, as audio of one response that never ends."""
+        if self.response is None:
+            self._start_response(None, streamed=False)
+            self.response.reply = Reply("message", "", b"", "echo")
+            self._begin_output(self.response)
+        r = self.response
+        r.sent_audio += len(pcm)
+        self._emit("response.output_audio.delta", **self._content_ids(), delta=base64.b64encode(pcm).decode())
+
     def _cap_buffer(self, keep_ms: int) -> None:
         excess = len(self._buffer) - keep_ms * voice.BYTES_PER_MS
         if excess > 0:
@@ -317,9 +372,11 @@ class SimSession:
         self._buffer_start += cut
 
     def _speech_started(self, audio_start_ms: int) -> None:
+        audio_start_ms = max(audio_start_ms, voice.audio_ms(self._buffer_start))  # not inside the previous turn
         self._drop_buffer_before(audio_start_ms)
         self._speech_item_id = new_id("item")
         self._speech_start_ms = audio_start_ms
+        self._turns += 1
         self._emit("input_audio_buffer.speech_started", audio_start_ms=audio_start_ms, item_id=self._speech_item_id)
         if self.response is not None and self._turn_detection.get("interrupt_response", True):
             self._finish_response("cancelled", reason="turn_detected")
@@ -408,7 +465,7 @@ class SimSession:
         data.setdefault("id", new_id("item"))
         if self._item(data["id"]) is not None:
             raise ProtocolError("invalid_value", f"Item with id '{data['id']}' already exists.", "item.id")
-        if event.previous_item_id is not None and self._item(event.previous_item_id) is None:
+        if event.previous_item_id not in (None, "root") and self._item(event.previous_item_id) is None:
             raise ProtocolError(
                 "invalid_value",
                 f"Previous item with id '{event.previous_item_id}' not found.",
@@ -427,6 +484,8 @@ class SimSession:
                     item.audio = base64.b64decode(encoded or "", validate=True)
                 except (binascii.Error, ValueError):
                     raise ProtocolError("invalid_value", "Invalid audio: expected base64.", "item.content.audio") from None
+                item.full_transcript = part.get("transcript") or ""
+                item.planned_audio_ms = voice.audio_ms(len(item.audio))
         self._add_item(item, event.previous_item_id)
 
     def _on_conversation_item_retrieve(self, event: m.ConversationItemRetrieve) -> None:
@@ -450,12 +509,16 @@ class SimSession:
             raise ProtocolError(
                 "item_truncate_invalid_item_id", f"Item with item_id '{event.item_id}' not found.", "item_id"
             )
-        if item.data.get("role") != "assistant":
-            raise ProtocolError("invalid_value", "Only assistant messages can be truncated.", "item_id")
         part = item.audio_part()
         if part is None or item.audio is None:
             raise ProtocolError(
                 "unsupported_content_type", "Only audio content of assistant messages can be truncated.", "item_id"
+            )
+        if item.data.get("role") != "assistant":
+            raise ProtocolError("invalid_value", "Only assistant messages can be truncated.", "item_id")
+        if self.response is not None and self.response.item is item:
+            raise ProtocolError(
+                "invalid_value", "The item is still being generated: cancel its response before truncating it.", "item_id"
             )
         if event.content_index != 0:
             raise ProtocolError("invalid_value", "Invalid 'content_index': the item has one content part.", "content_index")
@@ -507,7 +570,7 @@ class SimSession:
             "invalid_value", "output_audio_buffer.clear is only supported for WebRTC connections.", "type"
         )
 
-    def _start_response(self, params: m.ResponseCreateParams | None) -> None:
+    def _start_response(self, params: m.ResponseCreateParams | None, streamed: bool = True) -> None:
         params = params or m.ResponseCreateParams()
         in_conversation = params.conversation in (None, "auto")
         context = self.items
@@ -515,7 +578,12 @@ class SimSession:
             context = [SimItem(item.model_dump(exclude_unset=True)) for item in params.input]
         elif not in_conversation:
             context = []
-        modality = (params.output_modalities or self.session["output_modalities"])[0]
+        modalities = params.output_modalities if params.output_modalities is not None else self.session["output_modalities"]
+        if len(modalities) != 1:
+            raise ProtocolError(
+                "invalid_value", "output_modalities must be ['audio'] or ['text'].", "response.output_modalities"
+            )
+        modality = modalities[0]
         tools = [t.model_dump() for t in params.tools] if params.tools is not None else self.session["tools"]
         tool_choice = params.tool_choice if params.tool_choice is not None else self.session["tool_choice"]
         if isinstance(tool_choice, m.ToolChoiceFunction):
@@ -532,7 +600,8 @@ class SimSession:
         )
         self._emit("response.created", response=self._response_object("in_progress"))
         response = self.response
-        self._at(self._now + self.config.first_delta_delay_ms / 1000, lambda: self._step(response))
+        if streamed:
+            self._at(self._now + self.config.first_delta_delay_ms / 1000, lambda: self._step(response))
 
     def _response_object(self, status: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
         r = self.response
@@ -582,23 +651,45 @@ class SimSession:
             }
         r.item = SimItem(data, transcript_kind=reply.transcript_kind, full_transcript=reply.text)
         r.words = reply.text.split(" ") if reply.text else []
-        if r.modality == "audio" and reply.kind == "message":
-            budget = reply.audio
-            if r.max_output_tokens is not None and len(budget) > r.max_output_tokens * 50 * voice.BYTES_PER_MS:
-                budget = budget[: r.max_output_tokens * 50 * voice.BYTES_PER_MS]
-                r.limited = True
-            r.reply = Reply(reply.kind, reply.text, budget, reply.transcript_kind)
-            r.item.audio = b""
-            r.item.planned_audio_ms = voice.audio_ms(len(reply.audio))
+        if reply.kind == "message":
+            self._apply_token_budget(r)
         self._emit("response.output_item.added", response_id=r.id, output_index=0, item=r.item.public())
         if r.in_conversation:
             previous = self._last_item_id()
             self.items.append(r.item)
+            self._evict_old_items()
             self._emit("conversation.item.added", previous_item_id=previous, item=r.item.public())
         if reply.kind == "message":
             kind = "audio" if r.modality == "audio" else "text"
             part = {"type": kind, "transcript": ""} if kind == "audio" else {"type": kind, "text": ""}
             self._emit("response.content_part.added", **self._content_ids(), part=part)
+
+    def _apply_token_budget(self, r: ActiveResponse) -> None:
+        """max_output_tokens: audio is cut at 50 ms a token (its transcript in proportion), text by its tokens."""
+        limit = r.max_output_tokens
+        if r.modality == "audio":
+            audio = r.reply.audio
+            r.item.audio = b""
+            r.item.planned_audio_ms = voice.audio_ms(len(audio))
+            if limit is not None and len(audio) > limit * 50 * voice.BYTES_PER_MS:
+                r.reply = Reply(r.reply.kind, r.reply.text, audio[: limit * 50 * voice.BYTES_PER_MS], r.reply.transcript_kind)
+                r.words = r.words[: math.ceil(len(r.words) * len(r.reply.audio) / len(audio))]
+                r.limited = True
+        elif limit is not None and tokens(" ".join(r.words)) > limit:
+            while r.words and tokens(" ".join(r.words)) > limit:
+                r.words.pop()
+            r.limited = True
+
+    def _evict_old_items(self) -> None:
+        """Like the service's context truncation: the oldest items leave when the conversation outgrows its limits."""
+        cap = int(self.config.max_conversation_audio_s * 1000) * voice.BYTES_PER_MS
+        audio = sum(len(item.audio or b"") for item in self.items)
+        while len(self.items) > self.config.max_items or audio > cap:
+            oldest = self.items[0]
+            if self.response is not None and oldest is self.response.item:
+                break
+            self.items.pop(0)
+            audio -= len(oldest.audio or b"")
 
     def _step(self, r: ActiveResponse) -> None:
         """Deliver the next slice of the reply; schedule the following one, or finish."""
@@ -705,6 +796,33 @@ class SimSession:
         self._emit("response.done", response=body)
         self._emit("rate_limits.updated", rate_limits=_rate_limits(body["usage"]["total_tokens"]))
         self.response = None
+        self._arm_idle_timeout(r)
+
+    def _arm_idle_timeout(self, r: ActiveResponse) -> None:
+        """With idle_timeout_ms, the timeout starts when the reply's audio has finished playing (assumed to play
+        in real time from its first delta); if the user says nothing by then, the service nudges a response."""
+        td = self._turn_detection
+        if not td or not td.get("idle_timeout_ms") or not r.sent_audio:
+            return
+        played_at = r.started_at + self.config.first_delta_delay_ms / 1000 + r.sent_audio / voice.BYTES_PER_MS / 1000
+        turn = self._turns
+        self._at(max(self._now, played_at) + td["idle_timeout_ms"] / 1000, lambda: self._idle_timeout(turn))
+
+    def _idle_timeout(self, turn: int) -> None:
+        if turn != self._turns or self.response is not None or self._turn_detection is None:
+            return  # the user spoke, or a response is under way, or turn detection went off
+        item_id = new_id("item")
+        self._emit(
+            "input_audio_buffer.timeout_triggered",
+            audio_start_ms=voice.audio_ms(self._buffer_start),
+            audio_end_ms=self._appended_ms,
+            item_id=item_id,
+        )
+        audio = bytes(self._buffer)
+        self._buffer_start += len(self._buffer)
+        self._buffer.clear()
+        self._commit(audio, item_id)
+        self._start_response(None)
 
     def _previous_of(self, item_id: str) -> str | None:
         ids = [item.id for item in self.items]
@@ -763,6 +881,15 @@ class SimSession:
 # --- helpers ---------------------------------------------------------------------------------------------------------
 
 
+def _null_paths(changes: dict[str, Any], prefix: str = ""):
+    """Dotted paths of the keys set to null in a (nested) change."""
+    for key, value in changes.items():
+        if value is None:
+            yield prefix + key
+        elif isinstance(value, dict):
+            yield from _null_paths(value, f"{prefix}{key}.")
+
+
 def _merge(target: dict[str, Any], changes: dict[str, Any]) -> None:
     for key, value in changes.items():
         if key in _MERGED_KEYS and isinstance(value, dict) and isinstance(target.get(key), dict):
@@ -815,7 +942,7 @@ def _arguments_in(text: str) -> str:
     for start in (i for i, ch in enumerate(text) if ch == "{"):
         try:
             value, _ = decoder.raw_decode(text, start)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(value, dict):
             return json.dumps(value)

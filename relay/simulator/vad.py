@@ -41,11 +41,11 @@ def threshold_dbfs(threshold: float) -> float:
 
 
 class EnergyVad:
-    def __init__(self, settings: VadSettings, sample_rate: int = 24000) -> None:
-        self.settings = settings
+    def __init__(self, settings: VadSettings, sample_rate: int = 24000, start_ms: int = 0) -> None:
+        self.settings = settings  # may be replaced at any time: a turn in progress carries on
         self._frame = sample_rate * FRAME_MS // 1000
         self._pending = np.zeros(0, dtype=np.int16)
-        self._position_ms = 0  # end of the audio analysed so far
+        self._position_ms = start_ms  # end of the audio analysed so far, on the session's timeline
         self._voiced_run = 0
         self.in_speech = False
         self._last_voiced_end_ms = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from relay.config import Settings
 
@@ -24,7 +24,17 @@ class UpstreamTarget:
             return f"upstream: built-in Realtime simulator{where} (no OPENAI_API_KEY or RELAY_UPSTREAM_URL set)"
         keyed = "with a key" if self.headers else "without a key"
         label = "OpenAI Realtime API" if self.kind == "openai" else "RELAY_UPSTREAM_URL"
-        return f"upstream: {label} {self.url.split('?')[0] if self.url else ''} ({keyed})"
+        return f"upstream: {label} {_loggable(self.url)} ({keyed})"
+
+
+def _loggable(url: str | None) -> str:
+    """The URL without credentials or query string (either may hold a secret)."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
 
 def _auth_headers(header: str, key: str | None) -> dict[str, str]:
@@ -34,10 +44,13 @@ def _auth_headers(header: str, key: str | None) -> dict[str, str]:
 
 
 def choose_upstream(settings: Settings) -> UpstreamTarget:
-    """RELAY_UPSTREAM_URL (as given) > OPENAI_API_KEY (OpenAI) > the built-in simulator."""
+    """RELAY_UPSTREAM_URL (as given) > OPENAI_API_KEY (OpenAI) > the built-in simulator.
+
+    A URL gets RELAY_UPSTREAM_API_KEY only: OPENAI_API_KEY is never sent to any host but OpenAI's.
+    """
     openai_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
     if settings.upstream_url:
-        key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else openai_key
+        key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
         return UpstreamTarget("url", settings.upstream_url, _auth_headers(settings.upstream_auth_header, key))
     if openai_key:
         url = f"{OPENAI_REALTIME_URL}?{urlencode({'model': settings.model})}"

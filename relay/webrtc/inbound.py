@@ -2,7 +2,7 @@
 
 Installed in place of aiortc's audio jitter buffer (see aiortc_internals). Per packet: in-order release with a small
 reorder window, Opus decode on the event loop (no thread handoff), silence for lost or missing audio so the
-upstream's audio timeline stays aligned with real time, resampling, and 20 ms chunks handed to `sink`.
+upstream's audio timeline stays aligned with real time, resampling, and each packet's ~20 ms handed to `sink`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import av
 
-from relay.audio.convert import CHUNK_24K, Chunker, Downsampler
+from relay.audio.convert import Downsampler
 from relay.core.reorder import ReorderBuffer
 
 
@@ -46,7 +46,6 @@ class InboundAudio:
         self._decoder.layout = "stereo"
         self._decoder.format = "s16"
         self._downsampler = Downsampler()
-        self._chunks = Chunker(CHUNK_24K)
         self._next_timestamp: int | None = None
         self._max_gap_samples = max_gap_fill_ms * 48
         self._clock = clock
@@ -87,5 +86,7 @@ class InboundAudio:
         self._emit(bytes(samples_48k // 2 * 2))  # 24 kHz PCM16: 2 bytes a sample, half the 48 kHz count
 
     def _emit(self, pcm24: bytes) -> None:
-        for chunk in self._chunks.push(pcm24):
-            self._sink(chunk)
+        # Each packet's audio goes out as it is: ~20 ms. Cutting exact 20 ms chunks would hold every chunk back
+        # for the next packet, because the resampler's delay shifts the boundaries by a few samples.
+        if pcm24:
+            self._sink(pcm24)

@@ -62,6 +62,13 @@ async def _tour(url: str) -> list[dict]:
         await client.until("response.done")
         await client.send({"type": "response.cancel"})
         await client.error()
+        # A spoken reply, then silence from the user past idle_timeout_ms: the service nudges a response.
+        await client.update(audio={"input": {"turn_detection": {"type": "server_vad", "idle_timeout_ms": 200}}})
+        await client.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}})
+        await client.send({"type": "response.create"})
+        await client.until("response.done")
+        await client.until("input_audio_buffer.timeout_triggered", timeout=10)
+        await client.until("response.done")
         return client.events
 
 

@@ -251,9 +251,11 @@ async def test_truncate_errors_use_the_service_codes(url):
         item = await _echo_reply(client, HELLO)
         await client.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}})
         text_item = (await client.until("conversation.item.done"))["item"]
+        user_audio = next(e["item"] for e in client.events if e["type"] == "conversation.item.done" and e["item"]["role"] == "user")
         cases = [
             ({"item_id": "item_nope", "audio_end_ms": 100}, "item_truncate_invalid_item_id"),
-            ({"item_id": text_item["id"], "audio_end_ms": 100}, "invalid_value"),
+            ({"item_id": text_item["id"], "audio_end_ms": 100}, "unsupported_content_type"),
+            ({"item_id": user_audio["id"], "audio_end_ms": 100}, "invalid_value"),  # only assistant audio
             ({"item_id": item["id"], "audio_end_ms": ms_of(HELLO) + 1}, "invalid_value"),
             ({"item_id": item["id"], "audio_end_ms": 0}, "invalid_value"),
         ]

@@ -69,7 +69,6 @@ def test_bad_log_level_is_refused():
     [
         pytest.param({"OPENAI_API_KEY": CANARY}, id="openai"),
         pytest.param({"RELAY_UPSTREAM_URL": "wss://up.example/rt", "RELAY_UPSTREAM_API_KEY": CANARY}, id="url"),
-        pytest.param({"RELAY_UPSTREAM_URL": "wss://up.example/rt", "OPENAI_API_KEY": CANARY}, id="url-openai-key"),
     ],
 )
 def test_secrets_never_printed(env):
@@ -128,10 +127,22 @@ def test_upstream_url_with_own_key_and_header():
     assert "api-version" not in target.describe()  # the query string (which may hold secrets) is not logged
 
 
-def test_upstream_url_without_own_key_falls_back_to_openai_key():
+def test_the_openai_key_never_goes_to_another_host():
     target = choose_upstream(Settings.load(env={"RELAY_UPSTREAM_URL": AZURE_URL, "OPENAI_API_KEY": CANARY}))
     assert (target.kind, target.url) == ("url", AZURE_URL)
-    assert target.headers == {"Authorization": f"Bearer {CANARY}"}
+    assert target.headers == {}
+
+
+def test_a_key_goes_over_plain_ws_only_on_loopback():
+    with pytest.raises(SettingsError, match="wss://"):
+        Settings.load(env={"RELAY_UPSTREAM_URL": "ws://up.example/rt", "RELAY_UPSTREAM_API_KEY": "k"})
+    for url in ("ws://127.0.0.1:9/rt", "ws://[::1]:9/rt", "ws://localhost:9/rt", "wss://up.example/rt"):
+        assert choose_upstream(Settings.load(env={"RELAY_UPSTREAM_URL": url, "RELAY_UPSTREAM_API_KEY": "k"})).headers
+
+
+def test_credentials_in_the_url_are_not_logged():
+    line = choose_upstream(Settings.load(env={"RELAY_UPSTREAM_URL": "wss://user:pw@up.example:8443/rt?key=s"})).describe()
+    assert "pw" not in line and "key=s" not in line and "wss://up.example:8443/rt" in line
 
 
 def test_upstream_url_wins_over_openai_key():
