@@ -161,6 +161,7 @@ async def through_relay(count: int) -> dict:
         "timings": timings.samples,
         "inbound_stats": vars(relay_call.inbound.stats),
         "playout_queue_frames": depths,
+        "playout_reanchors": relay_call.track.reanchors,
     }
     await call.close()
     await runner.cleanup()
@@ -231,7 +232,8 @@ async def main() -> None:
         f"echo round trip, bare aiortc {summary(bare['round_trip_ms'])}",
         f"inbound: {relayed['inbound_stats']}",
         f"playout queue depth (frames, sampled every 100 ms): max {max(relayed['playout_queue_frames'])}, "
-        f"mean {statistics.fmean(relayed['playout_queue_frames']):.2f}",
+        f"mean {statistics.fmean(relayed['playout_queue_frames']):.2f}; playout schedule re-anchored after stalls: "
+        f"{relayed['playout_reanchors']}",
     ]
     print("\n".join(lines))
     if args.json:

@@ -84,7 +84,9 @@ class Call:
 
     async def start(self, offer_sdp: str, session: dict[str, Any] | None) -> str:
         """Negotiate with the client and open the upstream, concurrently; return the answer SDP."""
-        upstream = asyncio.create_task(open_upstream(self.target, session, self.settings.upstream_timeout_s))
+        upstream = asyncio.create_task(open_upstream(
+            self.target, session, self.settings.upstream_timeout_s, keep_talking=not self.settings.interruptions
+        ))
         try:
             answer = await self._negotiate(offer_sdp)
             self.ws, initial_events = await upstream

@@ -66,25 +66,31 @@ class SessionRecord:
     append_arrivals: list[tuple[float, int]] = field(default_factory=list)
 
     def on_received(self, text: str) -> None:
-        """Record one client message: appended audio joins input_audio, other audio is kept by its size only."""
+        """Record one client message: appended audio the session accepts joins input_audio; other audio, and any
+        event over 64 KiB once its appended audio is set aside, is kept by its size only."""
         if len(self.received) >= _MAX_EVENTS_RECORDED:
             return
         try:
             event = json.loads(text)
         except (ValueError, RecursionError):
-            event = {"unparsed": text[:200]}
+            event = None
         if not isinstance(event, dict):
-            event = {"unparsed": text[:200]}
-        elif event.get("type") == "input_audio_buffer.append" and isinstance(event.get("audio"), str):
+            self.received.append({"unparsed": text[:200]})
+            return
+        size = len(text)
+        if event.get("type") == "input_audio_buffer.append" and isinstance(event.get("audio"), str):
+            encoded = event.pop("audio")
+            size -= len(encoded)
             try:
-                pcm = base64.b64decode(event["audio"], validate=True)
+                pcm = base64.b64decode(encoded, validate=True)
             except (binascii.Error, ValueError):
                 pcm = b""
-            room = self.max_audio_bytes - len(self.input_audio)
-            self.input_audio += pcm[: max(0, room)]
-            self.append_arrivals.append((time.monotonic(), len(self.input_audio)))
-            event = {k: v for k, v in event.items() if k != "audio"} | {"audio_bytes": len(pcm)}
-        elif len(text) > _MAX_RECORDED_EVENT_CHARS:
+            if len(pcm) % 2 == 0:  # what the session accepts (it refuses odd lengths)
+                room = self.max_audio_bytes - len(self.input_audio)
+                self.input_audio += pcm[: max(0, room)]
+                self.append_arrivals.append((time.monotonic(), len(self.input_audio)))
+            event["audio_bytes"] = len(pcm)
+        if size > _MAX_RECORDED_EVENT_CHARS:
             event = {"type": event.get("type"), "event_id": event.get("event_id"), "oversized_chars": len(text)}
         else:
             _strip_item_audio(event)

@@ -179,6 +179,8 @@ class SimSession:
         except ProtocolError as error:
             error.event_id = error.event_id or event_id
             self._error(error)
+        except RecursionError:
+            self._error(ProtocolError("invalid_value", "The event is nested too deeply.", None, event_id))
         except Exception:  # a defect must cost one error event, never the session
             log.exception("simulator session %s failed on a client event", self.id)
             self._error(ProtocolError("server_error", "The simulator failed on this event.", None, event_id, "server_error"))

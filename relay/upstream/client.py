@@ -32,10 +32,13 @@ class UpstreamError(Exception):
 
 
 async def open_upstream(
-    target: UpstreamTarget, session: dict[str, Any] | None, timeout: float
+    target: UpstreamTarget, session: dict[str, Any] | None, timeout: float, keep_talking: bool = False
 ) -> tuple[websockets.ClientConnection, list[str]]:
     """Connect and prepare the session. Returns the socket and the events received so far (raw JSON text, to be
-    forwarded to the client once its data channel opens)."""
+    forwarded to the client once its data channel opens).
+
+    `keep_talking`: the operator wants the model to talk through interruptions, so the session's turn detection
+    gets `interrupt_response: false` before the call starts (the service's default is true)."""
     assert target.url is not None
     try:
         ws = await asyncio.wait_for(
@@ -57,10 +60,15 @@ async def open_upstream(
         raise UpstreamError(502, "upstream_unavailable", "The model service cannot be reached.") from None
     try:
         received: list[str] = []
-        await _expect(ws, "session.created", received, timeout)
+        effective = await _expect(ws, "session.created", received, timeout)
         if session is not None:
             await ws.send(json.dumps({"type": "session.update", "event_id": "relay_initial_session", "session": session}))
-            await _expect(ws, "session.updated", received, timeout, client_input=True)
+            effective = await _expect(ws, "session.updated", received, timeout, client_input=True)
+        turn_detection = (effective.get("session") or {}).get("audio", {}).get("input", {}).get("turn_detection")
+        if keep_talking and turn_detection and turn_detection.get("interrupt_response") is not False:
+            update = {"type": "realtime", "audio": {"input": {"turn_detection": {**turn_detection, "interrupt_response": False}}}}
+            await ws.send(json.dumps({"type": "session.update", "event_id": "relay_keep_talking", "session": update}))
+            await _expect(ws, "session.updated", received, timeout)
         return ws, received
     except BaseException:
         await ws.close()
@@ -68,7 +76,7 @@ async def open_upstream(
 
 
 async def _expect(ws: websockets.ClientConnection, wanted: str, received: list[str], timeout: float,
-                  client_input: bool = False) -> None:
+                  client_input: bool = False) -> dict[str, Any]:
     """Read until `wanted`; an `error` first is the client's fault (400) when it answers the client's own session,
     the relay's configuration otherwise (502)."""
     try:
@@ -78,7 +86,7 @@ async def _expect(ws: websockets.ClientConnection, wanted: str, received: list[s
                 event = json.loads(text)
                 received.append(text)
                 if event.get("type") == wanted:
-                    return
+                    return event
                 if event.get("type") == "error":
                     error = event.get("error") or {}
                     if client_input:

@@ -12,7 +12,7 @@ import asyncio
 import fractions
 import time
 from collections import deque
-from typing import Callable
+from typing import Awaitable, Callable
 
 from aiortc import MediaStreamTrack
 from av import AudioFrame
@@ -28,10 +28,16 @@ _MAX_LATE_S = 3 * FRAME_S  # later than this, re-anchor rather than catch up
 class PlayoutTrack(MediaStreamTrack):
     kind = "audio"
 
-    def __init__(self, next_frame: Callable[[], bytes | None], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        next_frame: Callable[[], bytes | None],
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         super().__init__()
         self._next_frame = next_frame
         self._clock = clock
+        self._sleep = sleep
         self._start: float | None = None
         self._index = 0
         self.lateness = deque(maxlen=3000)  # seconds each frame left after its due time (the last minute)
@@ -45,7 +51,7 @@ class PlayoutTrack(MediaStreamTrack):
             self._start = now
         due = self._start + self._index * FRAME_S
         if due > now:
-            await asyncio.sleep(due - now)
+            await self._sleep(due - now)
             now = self._clock()
         elif now - due > _MAX_LATE_S:
             self.reanchors += 1

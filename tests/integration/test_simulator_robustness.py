@@ -14,7 +14,9 @@ import websockets
 from relay.simulator.config import SimConfig
 from relay.simulator.server import start_simulator
 from tests.conftest import FAST
-from tests.helpers import connect, silence
+from tests.helpers import connect, load_pcm, silence
+
+HELLO = load_pcm("speech_hello_24k.wav")
 
 
 async def _still_answers(client) -> None:
@@ -34,6 +36,18 @@ async def test_an_append_with_an_odd_number_of_bytes_is_an_error_not_a_dead_conn
         assert (error["code"], error["param"], error["event_id"]) == ("invalid_value", "audio", "evt_odd")
         await _still_answers(client)
         assert client.ws.close_code is None
+
+
+# Regression: the record once kept the bytes of an append the session refused, shifting every later sample.
+async def test_a_rejected_odd_append_does_not_shift_the_recorded_audio(simulator, url):
+    async with connect(url) as client:
+        await client.until("session.created")
+        await client.update(audio={"input": {"turn_detection": None}})
+        await client.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\x01").decode()})
+        assert (await client.error())["code"] == "invalid_value"
+        await client.append(HELLO)
+        await _still_answers(client)  # everything sent before has been recorded
+    assert bytes(simulator.recorder.sessions[-1].input_audio) == HELLO
 
 
 # --- 3. deeply nested JSON ---------------------------------------------------------------------------------------
@@ -126,6 +140,17 @@ async def test_records_strip_item_audio_and_summarise_oversized_events(simulator
         "item": {"type": "message", "role": "user", "content": [{"type": "input_audio", "audio_chars": len(audio)}]},
     }
     assert record.received[1] == {"type": "conversation.item.create", "event_id": "evt_big", "oversized_chars": len(json.dumps(big))}
+
+
+# Regression: an append with extra fields once skipped the 64 KiB rule and was recorded whole.
+async def test_an_oversized_append_with_extra_fields_is_not_recorded_whole(simulator, url):
+    async with connect(url) as client:
+        await client.until("session.created")
+        await client.send({"type": "input_audio_buffer.append", "event_id": "evt_pad", "audio": "AAAA", "pad": "x" * 70_000}, check=False)
+        assert (await client.error())["code"] == "unknown_parameter"
+    recorded = simulator.recorder.sessions[-1].received[-1]
+    assert (recorded["type"], recorded["event_id"]) == ("input_audio_buffer.append", "evt_pad")
+    assert len(json.dumps(recorded)) <= 64 * 1024
 
 
 # --- 8. shutdown -------------------------------------------------------------------------------------------------

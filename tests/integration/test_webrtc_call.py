@@ -345,3 +345,29 @@ async def test_a_silent_upstream_is_a_503(simulator):
         assert "upstream_timeout" in str(failure.value)
     finally:
         await runner.cleanup()
+
+
+async def test_with_interruptions_off_the_model_talks_through(simulator):
+    slow = await start_simulator(SimConfig(**{**FAST.__dict__, "speed": 1.0}))
+    app, runner, url = await _serve(relay_settings(slow.url, interruptions="false"))
+    relay = Relay(app, url, slow)
+    call = await call_relay(relay.url)
+    try:
+        updated = await call.wait_for("session.updated")  # the relay set it before answering
+        assert updated["session"]["audio"]["input"]["turn_detection"]["interrupt_response"] is False
+        call.mic.say(silence48(300))
+        call.mic.say(HELLO48)
+        call.mic.say(silence48(700))
+        await call.wait_for("output_audio_buffer.started", timeout=20)
+        await asyncio.sleep(0.3)
+        call.mic.say(HELLO48)  # talking over the model
+        await call.wait_for(lambda e: e["type"] == "input_audio_buffer.speech_started", after=len(call.events))
+        done = await call.wait_for("response.done")
+        assert done["response"]["status"] == "completed"
+        await call.wait_for("output_audio_buffer.stopped", timeout=20)
+        assert "output_audio_buffer.cleared" not in call.types()
+        assert not any(e.get("type") in {"conversation.item.truncate", "response.cancel"} for e in relay.upstream_received())
+    finally:
+        await call.close()
+        await runner.cleanup()
+        await slow.stop()

@@ -1,0 +1,136 @@
+"""The media adapters without a network: the inbound tap fed with real Opus packets, the playout track on a fake
+clock."""
+
+from __future__ import annotations
+
+import fractions
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+from relay.webrtc.inbound import InboundAudio
+from relay.webrtc.playout import PlayoutTrack
+
+
+@dataclass
+class Packet:  # what aiortc hands a jitter buffer: a depayloaded RTP packet
+    sequence_number: int
+    timestamp: int
+    _data: bytes
+
+
+def opus_packets(count: int, first_seq: int = 100, first_ts: int = 5000) -> list[Packet]:
+    encoder = av.CodecContext.create("libopus", "w")
+    encoder.sample_rate, encoder.layout, encoder.format = 48000, "stereo", "s16"
+    encoder.time_base = fractions.Fraction(1, 48000)
+    tone = (np.sin(np.arange(960 * count) * 2 * np.pi * 440 / 48000) * 8000).astype("<i2")
+    payloads = []
+    for i in range(count):
+        frame = av.AudioFrame.from_ndarray(np.repeat(tone[i * 960 : (i + 1) * 960], 2).reshape(1, -1), format="s16", layout="stereo")
+        frame.sample_rate, frame.pts = 48000, i * 960
+        payloads += [bytes(p) for p in encoder.encode(frame)]
+    return [Packet((first_seq + i) % 65536, (first_ts + i * 960) % 2**32, data) for i, data in enumerate(payloads)]
+
+
+def run(packets: list[Packet], **kwargs) -> tuple[InboundAudio, list[bytes]]:
+    chunks: list[bytes] = []
+    tap = InboundAudio(chunks.append, **kwargs)
+    for packet in packets:
+        assert tap.add(packet) == (False, None)  # aiortc's decoder never gets anything
+    return tap, chunks
+
+
+def ms(chunks: list[bytes]) -> float:
+    return sum(len(c) for c in chunks) / 48
+
+
+def test_every_packet_is_decoded_and_sent_at_once_as_24k_mono():
+    packets = opus_packets(50)
+    tap, chunks = run(packets)
+    assert len(chunks) == 50  # one append per packet: nothing waits for the next packet
+    assert abs(ms(chunks) - 1000) < 1  # ~1 ms of resampler delay at most
+    assert tap.stats.packets == 50 and tap.stats.lost == 0
+
+
+def test_a_lost_packet_becomes_silence_of_its_length():
+    packets = opus_packets(50)
+    _, whole = run(packets)
+    tap, chunks = run(packets[:20] + packets[21:], reorder_window=2)
+    assert abs(ms(chunks) - ms(whole)) < 0.1  # the timeline stays aligned with real time
+    assert tap.stats.lost == 1 and tap.stats.gap_fill_ms == 20
+
+
+def test_reordered_packets_come_out_in_order():
+    packets = opus_packets(30)
+    _, in_order = run(packets)
+    swapped = packets[:10] + [packets[11], packets[10]] + packets[12:]
+    tap, chunks = run(swapped)
+    assert b"".join(chunks) == b"".join(in_order)
+    assert tap.stats.lost == tap.stats.late == 0
+
+
+def test_a_packet_too_late_for_the_window_is_dropped_not_played_twice():
+    packets = opus_packets(30)
+    late = packets[:10] + packets[11:15] + [packets[10]] + packets[15:]
+    tap, chunks = run(late, reorder_window=2)
+    assert tap.stats.lost == 1 and tap.stats.late == 1
+    assert abs(ms(chunks) - 600) < 1
+
+
+def test_a_pause_is_filled_up_to_the_cap_and_sequence_numbers_wrap():
+    packets = opus_packets(20, first_seq=65530)
+    for packet in packets[10:]:
+        packet.timestamp += 48000 * 5  # the client paused for 5 s
+    tap, chunks = run(packets, max_gap_fill_ms=1000)
+    assert tap.stats.gap_fill_ms == 1000
+    assert abs(ms(chunks) - (400 + 1000)) < 1
+
+
+def test_garbage_payloads_are_counted_not_fatal():
+    packets = opus_packets(10)
+    packets[5]._data = b"\xff" * 3
+    tap, chunks = run(packets)
+    assert tap.stats.decode_errors == 1 and len(chunks) >= 9
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+async def test_one_20ms_frame_per_recv_on_an_anchored_schedule():
+    clock = FakeClock()
+    frames = iter([b"\x01\x00" * 1920] * 3)
+    track = PlayoutTrack(lambda: next(frames, None), clock=clock, sleep=clock.sleep)
+    out = [await track.recv() for _ in range(500)]
+    assert [f.pts for f in out] == [i * 960 for i in range(500)]
+    assert all((f.samples, f.sample_rate, f.layout.name, f.format.name) == (960, 48000, "stereo", "s16") for f in out)
+    assert bytes(out[0].planes[0])[:4] == b"\x01\x00\x01\x00" and not any(bytes(out[3].planes[0]))  # then silence
+    assert abs(clock.now - (1000.0 + 499 * 0.020)) < 1e-9  # no drift after 10 s
+
+
+async def test_a_small_delay_is_caught_up_a_stall_is_not_burst_out():
+    clock = FakeClock()
+    track = PlayoutTrack(lambda: None, clock=clock, sleep=clock.sleep)
+    for _ in range(10):
+        await track.recv()
+    clock.now += 0.030  # the loop was busy for 30 ms
+    await track.recv()
+    await track.recv()
+    assert track.reanchors == 0 and abs(clock.now - (1000.0 + 11 * 0.020)) < 1e-9  # back on schedule
+    clock.now += 0.500  # a long stall
+    await track.recv()
+    stalled_at = clock.now
+    clock.slept.clear()
+    await track.recv()
+    assert track.reanchors == 1
+    assert clock.slept and abs(clock.now - stalled_at - 0.020) < 1e-9  # the next frame waits its 20 ms: no burst
