@@ -162,6 +162,7 @@ async def through_relay(count: int) -> dict:
         "inbound_stats": vars(relay_call.inbound.stats),
         "playout_queue_frames": depths,
         "playout_reanchors": relay_call.track.reanchors,
+        "skipped": relay_call.core.stats.leading_silence_skipped,
     }
     await call.close()
     await runner.cleanup()
@@ -233,7 +234,7 @@ async def main() -> None:
         f"inbound: {relayed['inbound_stats']}",
         f"playout queue depth (frames, sampled every 100 ms): max {max(relayed['playout_queue_frames'])}, "
         f"mean {statistics.fmean(relayed['playout_queue_frames']):.2f}; playout schedule re-anchored after stalls: "
-        f"{relayed['playout_reanchors']}",
+        f"{relayed['playout_reanchors']}; leading silence skipped: {relayed['skipped']} frames",
     ]
     print("\n".join(lines))
     if args.json:

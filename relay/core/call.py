@@ -11,10 +11,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from relay.protocol import ProtocolError, new_id, parse_client_event
 
 FRAME_MS = 20
 RELAY_EVENT_PREFIX = "relay_"
+SILENCE_PEAK = 100  # a frame whose samples all stay below this (about -50 dBFS) is silence
 
 
 @dataclass
@@ -39,7 +42,8 @@ class ItemPlayout:
     received_ms: float = 0.0  # audio the model sent for it
     lead_ms: float = 0.0  # silence put in front of it to align frames (not the model's audio)
     queued_frames: int = 0
-    emitted_frames: int = 0  # frames the playout clock handed to the encoder
+    emitted_frames: int = 0  # frames the playout clock handed to the encoder (or skipped as leading silence)
+    sound_queued: bool = False  # a frame that is not silence has been queued
 
     @property
     def heard_ms(self) -> int:
@@ -52,6 +56,7 @@ class ItemPlayout:
 class CallStats:
     frames_played: int = 0
     silence_frames: int = 0
+    leading_silence_skipped: int = 0
     frames_dropped: int = 0  # the playout queue was full
     barge_ins: int = 0
     truncations: int = 0
@@ -64,7 +69,7 @@ class CallCore:
         self.interruptions = interruptions
         self.max_playout_frames = max_playout_frames
         self.stats = CallStats()
-        self._queue: deque[tuple[ItemPlayout, bytes]] = deque()
+        self._queue: deque[tuple[ItemPlayout, bytes, bool]] = deque()  # (item, frame, is leading silence)
         self._items: dict[str, ItemPlayout] = {}  # audio items of responses not yet finished playing
         self._queued_by_response: dict[str, int] = {}
         self._active_response: str | None = None  # between response.created and response.done
@@ -113,7 +118,9 @@ class CallCore:
             if len(self._queue) >= self.max_playout_frames:
                 self.stats.frames_dropped += 1
                 continue
-            self._queue.append((item, frame))
+            leading_silence = not item.sound_queued and _is_silence(frame)
+            item.sound_queued = item.sound_queued or not leading_silence
+            self._queue.append((item, frame, leading_silence))
             item.queued_frames += 1
             self._queued_by_response[response_id] = self._queued_by_response.get(response_id, 0) + 1
         return []
@@ -125,18 +132,28 @@ class CallCore:
         if not self._queue:
             self.stats.silence_frames += 1
             return None, []
-        item, frame = self._queue.popleft()
-        item.queued_frames -= 1
-        item.emitted_frames += 1
+        # Behind schedule (more than this frame queued) with silence at the start of an item: skip it. That wins
+        # back the delay a burst left in the queue; it never cuts a pause inside speech. Skipped frames count as
+        # played: the item's timeline moves on, and truncation stays exact.
+        while len(self._queue) > 1 and self._queue[0][2]:
+            self._dequeue()
+            self.stats.leading_silence_skipped += 1
+        item, frame = self._dequeue()
         self.stats.frames_played += 1
         response_id = item.response_id
-        self._queued_by_response[response_id] -= 1
         actions: list[Action] = []
         if self._playing != response_id:
             self._playing = response_id
             actions.append(ToClient(_event("output_audio_buffer.started", response_id=response_id)))
         actions += self._maybe_stopped(response_id)
         return frame, actions
+
+    def _dequeue(self) -> tuple[ItemPlayout, bytes]:
+        item, frame, _ = self._queue.popleft()
+        item.queued_frames -= 1
+        item.emitted_frames += 1
+        self._queued_by_response[item.response_id] -= 1
+        return item, frame
 
     def _maybe_stopped(self, response_id: str) -> list[Action]:
         """output_audio_buffer.stopped once a finished response's audio has all been played."""
@@ -159,7 +176,7 @@ class CallCore:
     def flush(self) -> list[Action]:
         """Stop the model's audio now; cancel its response if still generating; tell the model what was heard."""
         responses = {r for r in (self._playing, self._active_response) if r is not None}
-        responses |= {item.response_id for item, _ in self._queue}
+        responses |= {item.response_id for item, _, _ in self._queue}
         if not responses:
             return []
         self._queue.clear()
@@ -222,6 +239,11 @@ class CallCore:
     def _is_own(self, error_event: dict[str, Any]) -> bool:
         error = error_event.get("error")
         return isinstance(error, dict) and error.get("event_id") in self._own_event_ids
+
+
+def _is_silence(frame: bytes) -> bool:
+    samples = np.frombuffer(frame, dtype="<i2")
+    return int(samples.max()) < SILENCE_PEAK and int(samples.min()) > -SILENCE_PEAK
 
 
 def _event(event_type: str, **fields: Any) -> dict[str, Any]:

@@ -7,7 +7,8 @@ import json
 from relay.core.call import CallCore, ToClient, ToUpstream
 from relay.core.reorder import ReorderBuffer
 
-FRAME = b"\x01\x00" * 1920  # one 20 ms frame, 48 kHz stereo s16
+FRAME = b"\x00\x10" * 1920  # one 20 ms frame of sound (4096), 48 kHz stereo s16
+QUIET = bytes(3840)  # one 20 ms frame of silence
 
 
 def frames(n: int) -> list[bytes]:
@@ -200,3 +201,25 @@ def test_reorder_buffer_wraps_and_restarts():
     assert buf.push(30000, 3) == [3]  # a jump this large is a new stream
     assert buf.push(30001, 4) == [4]
     assert buf.push(30001, 4) == [] and buf.late == 1  # duplicate
+
+
+def test_leading_silence_is_skipped_only_while_behind_and_counts_as_played():
+    core = CallCore()
+    start_response(core)
+    core.on_audio("resp_1", "item_1", [QUIET] * 3 + [FRAME] * 2 + [QUIET] * 2 + [FRAME], source_ms=160)
+    frame, _ = core.tick()  # behind by 7 frames: the 3 leading silent frames are skipped
+    assert frame == FRAME and core.stats.leading_silence_skipped == 3
+    played = [core.tick()[0] for _ in range(4)]
+    assert played == [FRAME, QUIET, QUIET, FRAME]  # a pause inside speech is never cut
+    assert core.stats.frames_played == 5
+
+
+def test_leading_silence_plays_when_not_behind_and_truncation_counts_skipped_frames():
+    core = CallCore()
+    start_response(core)
+    core.on_audio("resp_1", "item_1", [QUIET], source_ms=20)
+    assert core.tick()[0] == QUIET  # nothing queued behind it: nothing to win back
+    core.on_audio("resp_1", "item_1", [QUIET] * 4 + [FRAME] * 10, source_ms=280)
+    core.tick()
+    (_, truncate) = upstream(core.flush())
+    assert truncate["audio_end_ms"] == 6 * 20  # 1 played + 4 skipped + 1 played, in the item's own time
