@@ -57,6 +57,12 @@ class Microphone(MediaStreamTrack):
             self._pending_marks.append((self.sent_samples + self._queue.size, mark))
         self._queue = np.concatenate((self._queue, pcm))
 
+    def say_between(self, pcm: np.ndarray, lead_ms: int, tail_ms: int) -> None:
+        """One utterance: silence, `pcm`, silence (enough for the VAD to end the turn)."""
+        self.say(silence48(lead_ms))
+        self.say(pcm)
+        self.say(silence48(tail_ms))
+
     async def recv(self) -> AudioFrame:
         if self._start is None:
             self._start = time.monotonic()

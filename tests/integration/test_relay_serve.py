@@ -11,7 +11,7 @@ import sys
 
 import aiohttp
 
-from tests.webrtc_client import call_relay, load_pcm48, silence48
+from tests.webrtc_client import call_relay, load_pcm48
 
 HELLO48 = load_pcm48("speech_hello_48k.wav")
 
@@ -36,9 +36,7 @@ async def test_relay_serve_answers_a_call_with_the_simulator_upstream(simulator)
         call = await call_relay(base)
         try:
             await call.wait_for("session.created")
-            call.mic.say(silence48(300))
-            call.mic.say(HELLO48)
-            call.mic.say(silence48(900))
+            call.mic.say_between(HELLO48, lead_ms=300, tail_ms=900)
             await call.wait_for("output_audio_buffer.stopped", timeout=20)
             assert len(call.received()) > 0
         finally:

@@ -68,9 +68,7 @@ async def test_a_call_echoes_speech_with_the_webrtc_event_sequence(relay):
     call = await call_relay(relay.url)
     try:
         await call.wait_for("session.created")
-        call.mic.say(silence48(300))
-        call.mic.say(HELLO48)
-        call.mic.say(silence48(1200))
+        call.mic.say_between(HELLO48, lead_ms=300, tail_ms=1200)
         await call.wait_for("output_audio_buffer.stopped", timeout=20)
         types = call.types()
         assert types[0] == "session.created"
@@ -98,9 +96,7 @@ async def test_an_offer_without_candidates_connects_by_peer_reflexive_discovery(
     call = await call_relay(relay.url, mutate_offer=strip_candidates)
     try:
         await call.wait_for("session.created")
-        call.mic.say(silence48(200))
-        call.mic.say(HELLO48)
-        call.mic.say(silence48(900))
+        call.mic.say_between(HELLO48, lead_ms=200, tail_ms=900)
         await call.wait_for("response.done", timeout=20)
     finally:
         await call.close()
@@ -145,8 +141,10 @@ async def test_barge_in_stops_the_audio_and_truncates_to_what_the_client_heard(r
         echo = received[: sum(len(a) for a in call.audio[:audio_before]) + 48 * 2000]
         loud = loud_ms(echo)
         tone_heard_ms = loud[-1] + 5 - loud[0]  # first to last loud 5 ms window of the echoed tone
-        prefix_ms = 400 - speech["audio_start_ms"] if speech["audio_start_ms"] < 400 else 300
-        heard_ms = prefix_ms + tone_heard_ms
+        # The echoed item is the committed audio: 300 ms of prefix padding before the tone (not clamped: the
+        # microphone has been sending silence since the call began), then the tone.
+        assert speech["audio_start_ms"] > 0
+        heard_ms = 300 + tone_heard_ms  # in the item's own time, whether its leading silence played or was skipped
         assert abs(audio_end_ms - heard_ms) <= 20, (audio_end_ms, heard_ms)
         assert 300 < audio_end_ms < 300 + 1500  # cut inside the tone, not after it
     finally:
@@ -160,9 +158,7 @@ async def test_client_output_audio_buffer_clear_flushes_cancels_and_truncates(si
     call = await call_relay(relay.url)
     try:
         await call.wait_for("session.created")
-        call.mic.say(silence48(300))
-        call.mic.say(HELLO48)
-        call.mic.say(silence48(900))
+        call.mic.say_between(HELLO48, lead_ms=300, tail_ms=900)
         await call.wait_for("output_audio_buffer.started", timeout=20)
         await asyncio.sleep(0.4)
         call.send({"type": "response.cancel"})
@@ -314,37 +310,32 @@ async def test_a_session_the_upstream_refuses_is_a_400_naming_the_parameter(rela
     assert relay.calls == {}
 
 
-async def test_a_dead_upstream_is_a_502(unused_tcp_port):
-    app, runner, url = await _serve(relay_settings(f"ws://127.0.0.1:{unused_tcp_port}/v1/realtime"))
+async def _refused_call(upstream_url: str, **settings) -> str:
+    """Call a relay whose upstream is `upstream_url`; the relay must refuse: return its answer as text."""
+    app, runner, url = await _serve(relay_settings(upstream_url, **settings))
     try:
-        with pytest.raises(AssertionError, match="502") as failure:
+        with pytest.raises(AssertionError, match="relay answered") as failure:
             await call_relay(url)
-        assert "upstream_unavailable" in str(failure.value)
+        assert app[CALLS] == {}
+        return str(failure.value)
     finally:
         await runner.cleanup()
+
+
+async def test_a_dead_upstream_is_a_502(unused_tcp_port):
+    answer = await _refused_call(f"ws://127.0.0.1:{unused_tcp_port}/v1/realtime")
+    assert "502" in answer and "upstream_unavailable" in answer
 
 
 async def test_an_upstream_refusing_the_key_is_a_502(simulator):
-    app, runner, url = await _serve(relay_settings(simulator.url + "?sim_reject_auth=1"))
-    try:
-        with pytest.raises(AssertionError, match="502") as failure:
-            await call_relay(url)
-        assert "upstream_refused" in str(failure.value)
-        assert "sim_reject_auth" not in str(failure.value)  # no internal detail leaks
-    finally:
-        await runner.cleanup()
+    answer = await _refused_call(simulator.url + "?sim_reject_auth=1")
+    assert "502" in answer and "upstream_refused" in answer
+    assert "sim_reject_auth" not in answer  # no internal detail leaks
 
 
 async def test_a_silent_upstream_is_a_503(simulator):
-    app, runner, url = await _serve(
-        relay_settings(simulator.url + "?sim_stall_after_events=0&sim_stall_s=10", upstream_timeout_s="1")
-    )
-    try:
-        with pytest.raises(AssertionError, match="503") as failure:
-            await call_relay(url)
-        assert "upstream_timeout" in str(failure.value)
-    finally:
-        await runner.cleanup()
+    answer = await _refused_call(simulator.url + "?sim_stall_after_events=0&sim_stall_s=10", upstream_timeout_s="1")
+    assert "503" in answer and "upstream_timeout" in answer
 
 
 async def test_with_interruptions_off_the_model_talks_through(simulator):
@@ -355,9 +346,7 @@ async def test_with_interruptions_off_the_model_talks_through(simulator):
     try:
         updated = await call.wait_for("session.updated")  # the relay set it before answering
         assert updated["session"]["audio"]["input"]["turn_detection"]["interrupt_response"] is False
-        call.mic.say(silence48(300))
-        call.mic.say(HELLO48)
-        call.mic.say(silence48(700))
+        call.mic.say_between(HELLO48, lead_ms=300, tail_ms=700)
         await call.wait_for("output_audio_buffer.started", timeout=20)
         await asyncio.sleep(0.3)
         call.mic.say(HELLO48)  # talking over the model
