@@ -8,7 +8,6 @@ from av import AudioFrame, AudioResampler
 
 UPSTREAM_RATE = 24000
 WEBRTC_RATE = 48000
-CHUNK_24K = 960  # bytes in 20 ms of 24 kHz mono PCM16
 FRAME_SAMPLES_48K = 960  # samples per 20 ms at 48 kHz
 FRAME_BYTES_48K_STEREO = FRAME_SAMPLES_48K * 4
 
@@ -74,8 +73,9 @@ class Upsampler:
         )
         if not self._started:
             # The resampler's delay makes its first output a few samples short of a whole number of frames; every
-            # frame would then wait for the next delta to be complete. A little silence in front (typically under
-            # 1 ms) lines frame boundaries up with the deltas' instead.
+            # frame would then wait for the next delta. A little silence in front (under 1 ms when deltas are whole
+            # 20 ms frames, as a real-time stream's are; under 20 ms always, and skipped as leading silence) lines
+            # frame boundaries up with the deltas' instead.
             self._started = True
             lead = -mono.size % FRAME_SAMPLES_48K
             self.lead_ms = lead / 48

@@ -7,17 +7,21 @@ events for the upstream. Tested on a virtual clock (tests/unit/test_call_core.py
 
 from __future__ import annotations
 
+import json
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from relay.protocol import ProtocolError, new_id, parse_client_event
+from relay.protocol import CLIENT_EVENT_TYPES, ProtocolError, loads, new_id
 
 FRAME_MS = 20
 RELAY_EVENT_PREFIX = "relay_"
 SILENCE_PEAK = 100  # a frame whose samples all stay below this (about -50 dBFS) is silence
+# The relay carries PCM16 at 24 kHz to the upstream and back, whatever a client asks for: over WebRTC the codec is
+# Opus and the upstream format is the relay's business (as on OpenAI's own WebRTC endpoint).
+UPSTREAM_FORMAT = {"type": "audio/pcm", "rate": 24000}
 
 
 @dataclass
@@ -35,14 +39,14 @@ Action = ToClient | ToUpstream
 
 @dataclass
 class ItemPlayout:
-    """Playout accounting for one assistant audio item."""
+    """Playout accounting for one assistant audio item, in the item's own time."""
 
     response_id: str
     item_id: str
     received_ms: float = 0.0  # audio the model sent for it
     lead_ms: float = 0.0  # silence put in front of it to align frames (not the model's audio)
     queued_frames: int = 0
-    emitted_frames: int = 0  # frames the playout clock handed to the encoder (or skipped as leading silence)
+    emitted_frames: int = 0  # frames handed to the encoder, or skipped as leading silence
     sound_queued: bool = False  # a frame that is not silence has been queued
 
     @property
@@ -64,12 +68,20 @@ class CallStats:
     client_errors: int = 0
 
 
+def _response_id(event: dict[str, Any]) -> str | None:
+    """The response id of a response.created/done, or None when the upstream sent something malformed."""
+    response = event.get("response")
+    value = response.get("id") if isinstance(response, dict) else None
+    return value if isinstance(value, str) else None
+
+
 class CallCore:
     def __init__(self, interruptions: bool = True, max_playout_frames: int = 30_000) -> None:
-        self.interruptions = interruptions
+        self.interruptions = interruptions  # the operator's setting
         self.max_playout_frames = max_playout_frames
         self.stats = CallStats()
-        self._queue: deque[tuple[ItemPlayout, bytes, bool]] = deque()  # (item, frame, is leading silence)
+        self._interrupt_response = True  # the session's own turn_detection.interrupt_response, as upstream says
+        self._queue: deque[tuple[ItemPlayout, bytes]] = deque()
         self._items: dict[str, ItemPlayout] = {}  # audio items of responses not yet finished playing
         self._queued_by_response: dict[str, int] = {}
         self._active_response: str | None = None  # between response.created and response.done
@@ -81,33 +93,56 @@ class CallCore:
     # --- upstream -> relay -------------------------------------------------------------------------------------
 
     def on_server_event(self, event: dict[str, Any]) -> list[Action]:
-        """Any upstream event but audio deltas (see on_audio). Returns what to send where."""
+        """Any upstream event but audio deltas (see on_audio). Returns what to send where. Malformed events are
+        forwarded as they are; they only fail to change the call's state."""
         kind = event.get("type")
         if kind == "error" and self._is_own(event):
             return []  # our own cancel/truncate/delete lost a race: harmless by design
         actions: list[Action] = [ToClient(event)]
         if kind == "response.created":
-            self._active_response = event["response"]["id"]
+            self._active_response = _response_id(event)
         elif kind == "response.done":
-            response_id = event["response"]["id"]
-            if self._active_response == response_id:
-                self._active_response = None
-            if response_id in self._flushed:
-                self._flushed.discard(response_id)  # response.done is its last event: no more audio to drop
-            elif response_id in self._queued_by_response:  # it had audio; text-only responses need no tracking
-                self._done.add(response_id)
-                actions += self._maybe_stopped(response_id)
-        elif kind == "input_audio_buffer.speech_started" and self.interruptions:
+            actions += self._response_done(_response_id(event))
+        elif kind in ("session.created", "session.updated"):
+            self._follow_session(event.get("session"))
+        elif kind == "input_audio_buffer.speech_started" and self.interruptions and self._interrupt_response:
             flushed = self.flush()
             if flushed:
                 self.stats.barge_ins += 1
             actions += flushed
         return actions
 
+    def _response_done(self, response_id: str | None) -> list[Action]:
+        if response_id is None:
+            return []
+        if self._active_response == response_id:
+            self._active_response = None
+        if response_id in self._flushed:
+            self._flushed.discard(response_id)  # response.done is its last event: no more audio to drop
+            return []
+        if response_id in self._queued_by_response:  # it had audio; text-only responses need no tracking
+            self._done.add(response_id)
+            return self._maybe_stopped(response_id)
+        return []
+
+    def _follow_session(self, session: Any) -> None:
+        """Over WebRTC the server owns playout: it flushes on speech only when the session says so."""
+        if not isinstance(session, dict):
+            return
+        audio = session.get("audio") if isinstance(session.get("audio"), dict) else {}
+        audio_in = audio.get("input") if isinstance(audio.get("input"), dict) else {}
+        turn_detection = audio_in.get("turn_detection")
+        if isinstance(turn_detection, dict):
+            self._interrupt_response = turn_detection.get("interrupt_response") is not False
+
     def on_audio(self, response_id: str, item_id: str, frames: list[bytes], source_ms: float,
                  lead_ms: float = 0.0) -> list[Action]:
         """The model's audio for an item, as 20 ms frames ready for the encoder; `lead_ms` of silence were put
-        in front of the item's first frame (they are not part of what the user heard of the item)."""
+        in front of the item's first frame (they are not part of what the user heard of the item).
+
+        Silence at the start of an item is skipped rather than played: the reply starts sooner, and a backlog
+        left in the queue by a burst is won back. Skipped frames count as played (the item's timeline moves on,
+        so truncation stays exact); pauses inside speech are never cut."""
         if response_id in self._flushed:
             return []
         item = self._items.get(item_id)
@@ -115,12 +150,15 @@ class CallCore:
             item = self._items[item_id] = ItemPlayout(response_id, item_id, lead_ms=lead_ms)
         item.received_ms += source_ms
         for frame in frames:
+            if not item.sound_queued and not item.queued_frames and _is_silence(frame):
+                item.emitted_frames += 1
+                self.stats.leading_silence_skipped += 1
+                continue
             if len(self._queue) >= self.max_playout_frames:
                 self.stats.frames_dropped += 1
                 continue
-            leading_silence = not item.sound_queued and _is_silence(frame)
-            item.sound_queued = item.sound_queued or not leading_silence
-            self._queue.append((item, frame, leading_silence))
+            item.sound_queued = True
+            self._queue.append((item, frame))
             item.queued_frames += 1
             self._queued_by_response[response_id] = self._queued_by_response.get(response_id, 0) + 1
         return []
@@ -132,28 +170,18 @@ class CallCore:
         if not self._queue:
             self.stats.silence_frames += 1
             return None, []
-        # Behind schedule (more than this frame queued) with silence at the start of an item: skip it. That wins
-        # back the delay a burst left in the queue; it never cuts a pause inside speech. Skipped frames count as
-        # played: the item's timeline moves on, and truncation stays exact.
-        while len(self._queue) > 1 and self._queue[0][2]:
-            self._dequeue()
-            self.stats.leading_silence_skipped += 1
-        item, frame = self._dequeue()
+        item, frame = self._queue.popleft()
+        item.queued_frames -= 1
+        item.emitted_frames += 1
         self.stats.frames_played += 1
         response_id = item.response_id
+        self._queued_by_response[response_id] -= 1
         actions: list[Action] = []
         if self._playing != response_id:
             self._playing = response_id
             actions.append(ToClient(_event("output_audio_buffer.started", response_id=response_id)))
         actions += self._maybe_stopped(response_id)
         return frame, actions
-
-    def _dequeue(self) -> tuple[ItemPlayout, bytes]:
-        item, frame, _ = self._queue.popleft()
-        item.queued_frames -= 1
-        item.emitted_frames += 1
-        self._queued_by_response[item.response_id] -= 1
-        return item, frame
 
     def _maybe_stopped(self, response_id: str) -> list[Action]:
         """output_audio_buffer.stopped once a finished response's audio has all been played."""
@@ -176,9 +204,10 @@ class CallCore:
     def flush(self) -> list[Action]:
         """Stop the model's audio now; cancel its response if still generating; tell the model what was heard."""
         responses = {r for r in (self._playing, self._active_response) if r is not None}
-        responses |= {item.response_id for item, _, _ in self._queue}
+        responses |= {item.response_id for item, _ in self._queue}
         if not responses:
             return []
+        had_audio = bool(self._queue) or self._playing is not None
         self._queue.clear()
         actions: list[Action] = []
         if self._active_response is not None:
@@ -194,8 +223,9 @@ class CallCore:
             else:
                 self.stats.deletions += 1
                 actions.append(ToUpstream(self._own("conversation.item.delete", item_id=item.item_id)))
-        cleared = self._playing or self._active_response or next(iter(responses))
-        actions.append(ToClient(_event("output_audio_buffer.cleared", response_id=cleared)))
+        if had_audio:
+            cleared = self._playing or self._active_response or next(iter(responses))
+            actions.append(ToClient(_event("output_audio_buffer.cleared", response_id=cleared)))
         for response_id in responses:
             self._forget(response_id)
             if response_id == self._active_response:
@@ -205,29 +235,44 @@ class CallCore:
 
     # --- client -> relay ---------------------------------------------------------------------------------------
 
-    def on_client_event(self, text: str) -> list[Action]:
-        """A data-channel message from the client."""
+    def on_client_event(self, text: str) -> tuple[list[Action], str | None]:
+        """A data-channel message from the client: the actions, and the text to forward upstream (the client's
+        own, untouched, unless the relay had to change it; None when nothing goes upstream).
+
+        The relay checks only what it acts on: JSON, a known event type, and the fields it must control. Anything
+        else (new fields included) is the upstream's to accept or refuse, as on OpenAI's own endpoint."""
         try:
-            event = parse_client_event(text)
+            event = _client_event(text)
         except ProtocolError as error:
             self.stats.client_errors += 1
-            return [ToClient(_error_event(error))]
-        if event.type == "input_audio_buffer.append":
+            return [ToClient(_error_event(error))], None
+        kind = event["type"]
+        if kind == "input_audio_buffer.append":
             self.stats.client_errors += 1
             return [ToClient(_error_event(ProtocolError(
                 "invalid_value",
                 "input_audio_buffer.append is not supported over WebRTC: the audio goes by the RTP track.",
                 "type",
-                event.event_id,
-            )))]
-        if event.type == "output_audio_buffer.clear":
-            return self.flush()
-        raw = event.model_dump(exclude_unset=True)
-        if event.type == "session.update" and not self.interruptions:
-            turn_detection = raw["session"].get("audio", {}).get("input", {}).get("turn_detection")
-            if turn_detection:
-                turn_detection["interrupt_response"] = False
-        return [ToUpstream(raw)]
+                event.get("event_id") if isinstance(event.get("event_id"), str) else None,
+            )))], None
+        if kind == "output_audio_buffer.clear":
+            return self.flush(), None
+        if kind == "session.update" and self._adapt_session(event.get("session")):
+            return [], json.dumps(event, separators=(",", ":"))
+        if kind == "response.create" and isinstance(event.get("response"), dict) and _force_formats(event["response"]):
+            return [], json.dumps(event, separators=(",", ":"))
+        return [], text
+
+    def _adapt_session(self, session: Any) -> bool:
+        """The fields the relay controls in a session.update; True when it changed something."""
+        if not isinstance(session, dict):
+            return False
+        changed = _force_formats(session)
+        turn_detection = _path(session, "audio", "input").get("turn_detection")
+        if not self.interruptions and isinstance(turn_detection, dict) and turn_detection.get("interrupt_response") is not False:
+            turn_detection["interrupt_response"] = False
+            changed = True
+        return changed
 
     # --- relay-originated upstream events ----------------------------------------------------------------------
 
@@ -241,6 +286,45 @@ class CallCore:
         return isinstance(error, dict) and error.get("event_id") in self._own_event_ids
 
 
+def _client_event(text: str) -> dict[str, Any]:
+    """A JSON object with a known event type, or ProtocolError as the service words it."""
+    try:
+        event = loads(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError("invalid_json", "The event must be a JSON object.") from None
+    if not isinstance(event, dict):
+        raise ProtocolError("invalid_json", "The event must be a JSON object.")
+    event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
+    kind = event.get("type")
+    if not isinstance(kind, str) or kind not in CLIENT_EVENT_TYPES:
+        if kind is None:
+            raise ProtocolError("missing_required_parameter", "Missing required parameter: 'type'.", "type", event_id)
+        supported = ", ".join(f"'{t}'" for t in CLIENT_EVENT_TYPES)
+        raise ProtocolError("invalid_value", f"Invalid value: '{kind}'. Supported values are: {supported}.", "type", event_id)
+    return event
+
+
+def _path(container: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """container[k1][k2]... when each is a dict; {} otherwise (a detached dict: writes to it go nowhere)."""
+    for key in keys:
+        value = container.get(key)
+        if not isinstance(value, dict):
+            return {}
+        container = value
+    return container
+
+
+def _force_formats(config: dict[str, Any]) -> bool:
+    """Put the relay's own upstream audio format wherever a client named one; True when something changed."""
+    changed = False
+    for direction in ("input", "output"):
+        section = _path(config, "audio", direction)
+        if "format" in section and section["format"] != UPSTREAM_FORMAT:
+            section["format"] = dict(UPSTREAM_FORMAT)
+            changed = True
+    return changed
+
+
 def _is_silence(frame: bytes) -> bool:
     samples = np.frombuffer(frame, dtype="<i2")
     return int(samples.max()) < SILENCE_PEAK and int(samples.min()) > -SILENCE_PEAK
@@ -252,3 +336,8 @@ def _event(event_type: str, **fields: Any) -> dict[str, Any]:
 
 def _error_event(error: ProtocolError) -> dict[str, Any]:
     return _event("error", error=error.detail())
+
+
+def error_event(code: str, message: str, error_type: str = "invalid_request_error") -> dict[str, Any]:
+    """An `error` event the relay itself sends to the client."""
+    return _error_event(ProtocolError(code, message, error_type=error_type))

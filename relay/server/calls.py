@@ -18,12 +18,13 @@ from collections import deque
 from typing import Any, Awaitable, Callable
 
 import websockets
-from aiohttp import web
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiohttp import BodyPartReader, web
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.exceptions import InvalidStateError
 
 from relay.audio.convert import Upsampler
 from relay.config import Settings
-from relay.core.call import Action, CallCore, ToClient
+from relay.core.call import Action, CallCore, ToClient, error_event
 from relay.protocol import new_id
 from relay.upstream.client import UpstreamError, open_upstream
 from relay.upstream.target import UpstreamTarget
@@ -34,25 +35,22 @@ from relay.webrtc.playout import PlayoutTrack
 log = logging.getLogger("relay.call")
 
 EVENTS_CHANNEL = "oai-events"
-MAX_PENDING_CLIENT_EVENTS = 1000  # held until the data channel opens
-MAX_UPSTREAM_BACKLOG = 500  # 10 s of audio: beyond it, new audio is dropped rather than queued without bound
+MAX_PENDING_CLIENT_EVENTS = 1000  # held until the data channel opens; beyond it, the newest are dropped
+MAX_UPSTREAM_BACKLOG_BYTES = 4 * 1024 * 1024  # waiting for the upstream; beyond it audio is dropped, events refused
+MAX_CHANNEL_BUFFER_BYTES = 8 * 1024 * 1024  # unacknowledged data-channel bytes: beyond it the client is not reading
 MAX_CLIENT_MESSAGE_BYTES = 256 * 1024
 
 
 class SignalingError(Exception):
-    def __init__(self, status: int, code: str, message: str, error_type: str = "invalid_request_error") -> None:
+    def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
-        self.status, self.code, self.message, self.error_type = status, code, message, error_type
+        self.status, self.code, self.message = status, code, message
 
 
 def error_response(status: int, code: str, message: str, error_type: str = "invalid_request_error",
                    param: str | None = None) -> web.Response:
     body = {"error": {"message": message, "type": error_type, "code": code, "param": param}}
     return web.json_response(body, status=status)
-
-
-def _event(event_type: str, **fields: Any) -> dict[str, Any]:
-    return {"type": event_type, "event_id": new_id("event"), **fields}
 
 
 class Call:
@@ -72,10 +70,12 @@ class Call:
         self.closed = asyncio.Event()
         self.close_reason: str | None = None
         self.dropped_audio_chunks = 0
+        self.dropped_client_events = 0
         self._tasks: set[asyncio.Task] = set()
         self._closer: asyncio.Task | None = None
-        self._client_pending: deque[str] = deque(maxlen=MAX_PENDING_CLIENT_EVENTS)
+        self._client_pending: deque[str] = deque()
         self._upstream_outbox: deque[str] = deque()
+        self._upstream_outbox_bytes = 0
         self._upstream_ready = asyncio.Event()
         self._upsampler = Upsampler()
         self._upsampling_item: str | None = None
@@ -97,7 +97,7 @@ class Call:
                 await ws.close()
             raise
         for text in initial_events:
-            self._to_client_text(text)
+            self._on_upstream_text(text)  # through the core, which learns the session from them
         self._spawn(self._read_upstream(), "upstream-reader")
         self._spawn(self._write_upstream(), "upstream-writer")
         self._spawn(self._watch(), "watchdog")
@@ -115,12 +115,16 @@ class Call:
         audio = [t for t in pc.getTransceivers() if t.kind == "audio"]
         if not audio:
             raise SignalingError(400, "invalid_offer", "The SDP offer has no audio m-line.")
+        opus = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"]
+        audio[0].setCodecPreferences(opus)  # the inbound tap decodes Opus only
         install_packet_tap(audio[0].receiver, self.inbound)
         pc.addTrack(self.track)  # takes the offer's audio transceiver: sendrecv
         try:
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:
             raise SignalingError(400, "invalid_offer", f"No answer can be made to this offer: {exc}"[:300]) from None
+        if "opus/48000" not in pc.localDescription.sdp.lower():
+            raise SignalingError(400, "invalid_offer", "The SDP offer does not offer Opus audio.")
         return pc.localDescription.sdp
 
     # --- client side -------------------------------------------------------------------------------------------
@@ -131,30 +135,49 @@ class Call:
         self.channel = channel
         channel.on("message", self._on_client_message)
         while self._client_pending:
-            channel.send(self._client_pending.popleft())
+            self._send_to_channel(self._client_pending.popleft())
 
     def _on_client_message(self, message: str | bytes) -> None:
-        self.last_client_message_at = time.monotonic()
-        if isinstance(message, bytes):
-            self._to_client(_event("error", error={
-                "type": "invalid_request_error", "code": "invalid_event", "param": None, "event_id": None,
-                "message": "Binary messages are not supported: send events as JSON text."}))
-            return
-        if len(message) > MAX_CLIENT_MESSAGE_BYTES:
-            self._to_client(_event("error", error={
-                "type": "invalid_request_error", "code": "message_too_large", "param": None, "event_id": None,
-                "message": f"Data-channel messages are limited to {MAX_CLIENT_MESSAGE_BYTES} bytes."}))
-            return
-        self._dispatch(self.core.on_client_event(message))
+        """Runs inside aiortc's SCTP loop: nothing may escape from here."""
+        try:
+            self.last_client_message_at = time.monotonic()
+            if isinstance(message, bytes):
+                self._to_client(error_event("invalid_event", "Binary messages are not supported: send events as JSON text."))
+            elif len(message) > MAX_CLIENT_MESSAGE_BYTES:
+                self._to_client(error_event(
+                    "message_too_large", f"Data-channel messages are limited to {MAX_CLIENT_MESSAGE_BYTES} bytes."))
+            else:
+                actions, upstream_text = self.core.on_client_event(message)
+                self._dispatch(actions)
+                if upstream_text is not None and not self._to_upstream(upstream_text):
+                    self._to_client(error_event("relay_backlog_full", "The model service is not keeping up: event refused."))
+        except Exception:
+            log.exception("call %s: failed on a client message", self.id)
+            self._to_client(error_event("server_error", "The relay failed on this event.", "server_error"))
 
     def _to_client(self, event: dict[str, Any]) -> None:
         self._to_client_text(json.dumps(event, separators=(",", ":")))
 
     def _to_client_text(self, text: str) -> None:
         if self.channel is not None and self.channel.readyState == "open":
-            self.channel.send(text)
+            self._send_to_channel(text)
+        elif len(self._client_pending) < MAX_PENDING_CLIENT_EVENTS:
+            self._client_pending.append(text)  # the first events (session.created) are never the ones dropped
         else:
-            self._client_pending.append(text)
+            self.dropped_client_events += 1
+
+    def _send_to_channel(self, text: str) -> None:
+        try:
+            self.channel.send(text)
+        except ValueError:  # larger than the client's max-message-size
+            self.dropped_client_events += 1
+            self.channel.send(json.dumps(error_event(
+                "event_too_large", f"An event of {len(text)} bytes was too large for the data channel and was dropped.",
+                "server_error")))
+        except InvalidStateError:
+            return  # the channel closed: the call is ending
+        if self.channel.bufferedAmount > MAX_CHANNEL_BUFFER_BYTES:
+            self.close_soon("client not reading its data channel")
 
     async def _on_connection_state(self) -> None:
         if self.pc is not None and self.pc.connectionState in ("failed", "closed"):
@@ -163,14 +186,20 @@ class Call:
     # --- media -------------------------------------------------------------------------------------------------
 
     def _to_upstream_audio(self, pcm24: bytes) -> None:
-        """20 ms of the client's audio, straight from the inbound tap."""
-        if len(self._upstream_outbox) >= MAX_UPSTREAM_BACKLOG:
+        """~20 ms of the client's audio, straight from the inbound tap."""
+        text = '{"type":"input_audio_buffer.append","audio":"' + base64.b64encode(pcm24).decode() + '"}'
+        if not self._to_upstream(text):
             self.dropped_audio_chunks += 1
-            return
-        self._upstream_outbox.append(
-            '{"type":"input_audio_buffer.append","audio":"' + base64.b64encode(pcm24).decode() + '"}'
-        )
+
+    def _to_upstream(self, text: str, budgeted: bool = True) -> bool:
+        """Queue for the upstream writer. The client's audio and events must fit the byte budget (False: refused);
+        the relay's own control events (cancel, truncate) always go."""
+        if budgeted and self._upstream_outbox_bytes + len(text) > MAX_UPSTREAM_BACKLOG_BYTES:
+            return False
+        self._upstream_outbox.append(text)
+        self._upstream_outbox_bytes += len(text)
         self._upstream_ready.set()
+        return True
 
     def _next_frame(self) -> bytes | None:
         """The playout clock's tick."""
@@ -190,15 +219,13 @@ class Call:
             reason = "upstream closed"
         except websockets.ConnectionClosedError:
             reason = "upstream connection lost"
-        self._to_client(_event("error", error={
-            "type": "server_error", "code": "upstream_closed", "param": None, "event_id": None,
-            "message": "The connection to the model service ended."}))
+        self._to_client(error_event("upstream_closed", "The connection to the model service ended.", "server_error"))
         self.close_soon(reason)
 
     def _on_upstream_text(self, text: str) -> None:
         try:
             event = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             log.warning("call %s: unreadable upstream event dropped", self.id)
             return
         if not isinstance(event, dict):
@@ -210,6 +237,8 @@ class Call:
         if kind == "response.output_audio.done" and event.get("item_id") == self._upsampling_item:
             self._dispatch(self.core.on_audio(event.get("response_id", ""), self._upsampling_item,
                                               self._upsampler.flush(), 0.0))
+        if kind == "conversation.item.retrieved" and _drop_item_audio(event):
+            text = json.dumps(event, separators=(",", ":"))  # the client heard it by RTP; it may not fit the channel
         actions = self.core.on_server_event(event)
         for action in actions:
             if isinstance(action, ToClient) and action.event is event:
@@ -236,15 +265,16 @@ class Call:
             await self._upstream_ready.wait()
             self._upstream_ready.clear()
             while self._upstream_outbox:
-                await self.ws.send(self._upstream_outbox.popleft())
+                text = self._upstream_outbox.popleft()
+                self._upstream_outbox_bytes -= len(text)
+                await self.ws.send(text)
 
     def _dispatch(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, ToClient):
                 self._to_client(action.event)
             else:
-                self._upstream_outbox.append(json.dumps(action.event, separators=(",", ":")))
-                self._upstream_ready.set()
+                self._to_upstream(json.dumps(action.event, separators=(",", ":")), budgeted=False)
 
     # --- lifetime ----------------------------------------------------------------------------------------------
 
@@ -267,6 +297,7 @@ class Call:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("call %s: task %s failed", self.id, task.get_name(), exc_info=task.exception())
+            self._to_client(error_event("server_error", "The relay failed; the call is ending.", "server_error"))
             self.close_soon("internal error")
 
     def close_soon(self, reason: str) -> None:
@@ -275,23 +306,25 @@ class Call:
             self._closer = asyncio.ensure_future(self.close(reason))
 
     async def close(self, reason: str) -> None:
+        """End the call and free everything it holds. Safe to call more than once, from anywhere."""
         if self.close_reason is not None:
             await self.closed.wait()
             return
         self.close_reason = reason
         log.info("call %s ended: %s", self.id, reason)
-        self._on_closed(self)
-        current = asyncio.current_task()
-        tasks = [t for t in self._tasks if t is not current]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self.track.stop()
-        if self.pc is not None:
-            await self.pc.close()
-        if self.ws is not None:
-            await self.ws.close()
-        self.closed.set()
+        try:
+            self._on_closed(self)
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.track.stop()
+            if self.pc is not None:
+                await self.pc.close()
+            if self.ws is not None:
+                await self.ws.close()
+        finally:
+            self.closed.set()
 
 
 # --- signaling routes --------------------------------------------------------------------------------------------
@@ -299,6 +332,7 @@ class Call:
 CALLS: web.AppKey[dict[str, Call]] = web.AppKey("calls")
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 TARGET: web.AppKey[UpstreamTarget] = web.AppKey("upstream")
+SHUTTING_DOWN: web.AppKey[asyncio.Event] = web.AppKey("shutting_down")
 
 
 async def _read_limited(stream: Any, limit: int) -> bytes:
@@ -320,21 +354,7 @@ async def read_offer(request: web.Request, limit: int) -> tuple[str, dict[str, A
     if request.content_type == "application/sdp":
         raw = await _read_limited(request.content, limit)
     elif request.content_type == "multipart/form-data":
-        raw = None
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            data = await _read_limited(part, limit)
-            if part.name == "sdp":
-                raw = data
-            elif part.name == "session":
-                try:
-                    session = json.loads(data)
-                except ValueError:
-                    raise SignalingError(400, "invalid_session", "The 'session' part is not valid JSON.") from None
-                if not isinstance(session, dict):
-                    raise SignalingError(400, "invalid_session", "The 'session' part must be a JSON object.")
-        if raw is None:
-            raise SignalingError(400, "missing_sdp", "The multipart body has no 'sdp' part.")
+        raw, session = await _read_multipart(request, limit)
     else:
         raise SignalingError(415, "unsupported_media_type",
                              "Send the SDP offer as application/sdp, or multipart/form-data with 'sdp' and 'session'.")
@@ -344,14 +364,46 @@ async def read_offer(request: web.Request, limit: int) -> tuple[str, dict[str, A
         raise SignalingError(400, "invalid_offer", "The SDP offer is not UTF-8 text.") from None
     if not sdp.lstrip().startswith("v=0"):
         raise SignalingError(400, "invalid_offer", "The body is not an SDP offer (it must start with v=0).")
-    if "\nm=audio " not in sdp.replace("\r\n", "\n"):
+    if "\nm=audio " not in sdp.replace("\r\n", "\n"):  # checked again after parsing; this saves an upstream
         raise SignalingError(400, "invalid_offer", "The SDP offer has no audio m-line.")
     return sdp, session
+
+
+async def _read_multipart(request: web.Request, limit: int) -> tuple[bytes, dict[str, Any] | None]:
+    raw: bytes | None = None
+    session: dict[str, Any] | None = None
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise SignalingError(400, "invalid_multipart", "Nested multipart bodies are not supported.")
+            data = await _read_limited(part, limit)
+            if part.name == "sdp":
+                raw = data
+            elif part.name == "session":
+                session = _session_part(data)
+    except (ValueError, AssertionError, LookupError) as exc:  # aiohttp's words for a malformed multipart body
+        raise SignalingError(400, "invalid_multipart", f"The multipart body could not be read: {exc}"[:200]) from None
+    if raw is None:
+        raise SignalingError(400, "missing_sdp", "The multipart body has no 'sdp' part.")
+    return raw, session
+
+
+def _session_part(data: bytes) -> dict[str, Any]:
+    try:
+        session = json.loads(data)
+    except (ValueError, RecursionError):
+        raise SignalingError(400, "invalid_session", "The 'session' part is not valid JSON.") from None
+    if not isinstance(session, dict):
+        raise SignalingError(400, "invalid_session", "The 'session' part must be a JSON object.")
+    return session
 
 
 async def create_call(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     calls = request.app[CALLS]
+    if request.app[SHUTTING_DOWN].is_set():
+        return error_response(503, "shutting_down", "The relay is shutting down.", "server_error")
     try:
         offer, session = await read_offer(request, settings.max_sdp_bytes)
     except SignalingError as exc:
@@ -366,6 +418,16 @@ async def create_call(request: web.Request) -> web.Response:
         await call.close("upstream unavailable")
         error_type = "invalid_request_error" if exc.status == 400 else "upstream_error"
         return error_response(exc.status, exc.code, exc.message, error_type, exc.param)
+    except Exception:
+        log.exception("call %s: setup failed", call.id)
+        await call.close("setup failed: internal error")
+        return error_response(500, "internal_error", "The relay failed to set up the call.", "server_error")
+    except BaseException:
+        await asyncio.shield(call.close("setup interrupted"))
+        raise
+    if request.app[SHUTTING_DOWN].is_set():
+        await call.close("server shutdown")
+        return error_response(503, "shutting_down", "The relay is shutting down.", "server_error")
     calls[call.id] = call
     log.info("call %s started", call.id)
     return web.Response(
@@ -385,7 +447,7 @@ async def hangup(request: web.Request) -> web.Response:
     call = _call_or_404(request)
     if isinstance(call, web.Response):
         return call
-    await call.close("hangup")
+    await asyncio.shield(call.close("hangup"))
     return web.json_response({"id": call.id, "status": "ended"})
 
 
@@ -393,11 +455,12 @@ async def delete_call(request: web.Request) -> web.Response:
     call = _call_or_404(request)
     if isinstance(call, web.Response):
         return call
-    await call.close("deleted")
+    await asyncio.shield(call.close("deleted"))
     return web.Response(status=204)
 
 
 async def close_all_calls(app: web.Application) -> None:
+    app[SHUTTING_DOWN].set()
     await asyncio.gather(*(call.close("server shutdown") for call in list(app[CALLS].values())))
 
 
@@ -405,7 +468,20 @@ def add_call_routes(app: web.Application, settings: Settings, target: UpstreamTa
     app[SETTINGS] = settings
     app[TARGET] = target
     app[CALLS] = {}
+    app[SHUTTING_DOWN] = asyncio.Event()
     app.router.add_post("/v1/realtime/calls", create_call)
     app.router.add_post("/v1/realtime/calls/{call_id}/hangup", hangup)
     app.router.add_delete("/v1/realtime/calls/{call_id}", delete_call)
     app.on_shutdown.append(close_all_calls)
+
+
+def _drop_item_audio(event: dict[str, Any]) -> bool:
+    """Remove the audio of a retrieved item's content (True if there was some)."""
+    item = event.get("item")
+    dropped = False
+    if isinstance(item, dict) and isinstance(item.get("content"), list):
+        for part in item["content"]:
+            if isinstance(part, dict) and "audio" in part:
+                del part["audio"]
+                dropped = True
+    return dropped

@@ -34,8 +34,11 @@ class UpstreamError(Exception):
 async def open_upstream(
     target: UpstreamTarget, session: dict[str, Any] | None, timeout: float, keep_talking: bool = False
 ) -> tuple[websockets.ClientConnection, list[str]]:
-    """Connect and prepare the session. Returns the socket and the events received so far (raw JSON text, to be
-    forwarded to the client once its data channel opens).
+    """Connect and prepare the session. Returns the socket and the events for the client (JSON text, forwarded
+    once its data channel opens): one `session.created` carrying the effective session, as OpenAI's WebRTC
+    endpoint sends it when a session was posted with the offer, then anything else that came meanwhile. The
+    `session.updated` answers to the relay's own set-up updates stay here: a client must not take them for the
+    answer to its own first update.
 
     `keep_talking`: the operator wants the model to talk through interruptions, so the session's turn detection
     gets `interrupt_response: false` before the call starts (the service's default is true)."""
@@ -59,36 +62,41 @@ async def open_upstream(
         log.warning("upstream connection failed: %s", type(exc).__name__)
         raise UpstreamError(502, "upstream_unavailable", "The model service cannot be reached.") from None
     try:
-        received: list[str] = []
-        effective = await _expect(ws, "session.created", received, timeout)
+        others: list[str] = []
+        created = await _expect(ws, "session.created", others, timeout)
+        effective = created.get("session") if isinstance(created.get("session"), dict) else {}
         if session is not None:
             await ws.send(json.dumps({"type": "session.update", "event_id": "relay_initial_session", "session": session}))
-            effective = await _expect(ws, "session.updated", received, timeout, client_input=True)
-        turn_detection = (effective.get("session") or {}).get("audio", {}).get("input", {}).get("turn_detection")
-        if keep_talking and turn_detection and turn_detection.get("interrupt_response") is not False:
+            effective = (await _expect(ws, "session.updated", others, timeout, client_input=True)).get("session") or effective
+        audio_in = (effective.get("audio") or {}).get("input") or {}
+        turn_detection = audio_in.get("turn_detection") if isinstance(audio_in, dict) else None
+        if keep_talking and isinstance(turn_detection, dict) and turn_detection.get("interrupt_response") is not False:
             update = {"type": "realtime", "audio": {"input": {"turn_detection": {**turn_detection, "interrupt_response": False}}}}
             await ws.send(json.dumps({"type": "session.update", "event_id": "relay_keep_talking", "session": update}))
-            await _expect(ws, "session.updated", received, timeout)
-        return ws, received
+            effective = (await _expect(ws, "session.updated", others, timeout)).get("session") or effective
+        return ws, [json.dumps({**created, "session": effective}), *others]
     except BaseException:
         await ws.close()
         raise
 
 
-async def _expect(ws: websockets.ClientConnection, wanted: str, received: list[str], timeout: float,
+async def _expect(ws: websockets.ClientConnection, wanted: str, others: list[str], timeout: float,
                   client_input: bool = False) -> dict[str, Any]:
-    """Read until `wanted`; an `error` first is the client's fault (400) when it answers the client's own session,
-    the relay's configuration otherwise (502)."""
+    """Read until `wanted` and return it; other events are kept in `others`. An `error` first is the client's
+    fault (400) when it answers the client's own session, the relay's configuration otherwise (502)."""
     try:
         async with asyncio.timeout(timeout):
             while True:
                 text = await ws.recv()
                 event = json.loads(text)
-                received.append(text)
+                if not isinstance(event, dict):
+                    raise ValueError("an event that is not a JSON object")
                 if event.get("type") == wanted:
                     return event
+                if event.get("type") != "error":
+                    others.append(text)
                 if event.get("type") == "error":
-                    error = event.get("error") or {}
+                    error = event["error"] if isinstance(event.get("error"), dict) else {}
                     if client_input:
                         raise UpstreamError(400, str(error.get("code") or "invalid_session"),
                                             str(error.get("message") or "The session was refused."), error.get("param"))
@@ -99,5 +107,5 @@ async def _expect(ws: websockets.ClientConnection, wanted: str, received: list[s
         raise UpstreamError(503, "upstream_timeout", "The model service did not answer in time.") from None
     except websockets.ConnectionClosed:
         raise UpstreamError(502, "upstream_closed", "The model service closed the connection.") from None
-    except ValueError:
+    except (ValueError, RecursionError):
         raise UpstreamError(502, "upstream_protocol_error", "The model service sent something unreadable.") from None

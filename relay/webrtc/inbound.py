@@ -20,10 +20,14 @@ from relay.core.reorder import ReorderBuffer
 @dataclass
 class InboundStats:
     packets: int = 0
-    lost: int = 0
-    late: int = 0
+    lost: int = 0  # packets given up on (a gap the reorder window did not fill)
+    late: int = 0  # packets that came after their turn, or twice
     decode_errors: int = 0
     gap_fill_ms: float = 0.0
+    over_budget_ms: float = 0.0  # audio not sent because it would run ahead of real time
+
+
+BUDGET_SLACK_MS = 500.0
 
 
 def _timestamp_distance(a: int, b: int) -> int:
@@ -49,12 +53,16 @@ class InboundAudio:
         self._next_timestamp: int | None = None
         self._max_gap_samples = max_gap_fill_ms * 48
         self._clock = clock
+        self.first_packet_at: float | None = None
         self.last_packet_at: float | None = None
+        self._sent_ms = 0.0
         self.stats = InboundStats()
 
     # aiortc's JitterBuffer interface: called for every depayloaded RTP packet of the audio receiver.
     def add(self, packet: Any) -> tuple[bool, None]:
         self.last_packet_at = self._clock()
+        if self.first_packet_at is None:
+            self.first_packet_at = self.last_packet_at
         self.stats.packets += 1
         for ready in self._reorder.push(packet.sequence_number, packet):
             self._decode(ready.timestamp, ready._data)
@@ -86,7 +94,16 @@ class InboundAudio:
         self._emit(bytes(samples_48k // 2 * 2))  # 24 kHz PCM16: 2 bytes a sample, half the 48 kHz count
 
     def _emit(self, pcm24: bytes) -> None:
+        """Hand audio on, never more than real time since the first packet (plus slack for jitter): timestamps
+        and Opus frame sizes are the client's to choose, and upstream audio is paid for."""
+        allowed_ms = (self.last_packet_at - self.first_packet_at) * 1000 + BUDGET_SLACK_MS - self._sent_ms
+        length_ms = len(pcm24) / 48
+        if length_ms > allowed_ms:
+            keep = max(0, int(allowed_ms * 48)) // 2 * 2
+            self.stats.over_budget_ms += length_ms - keep / 48
+            pcm24 = pcm24[:keep]
         # Each packet's audio goes out as it is: ~20 ms. Cutting exact 20 ms chunks would hold every chunk back
         # for the next packet, because the resampler's delay shifts the boundaries by a few samples.
         if pcm24:
+            self._sent_ms += len(pcm24) / 48
             self._sink(pcm24)

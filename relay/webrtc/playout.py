@@ -15,6 +15,7 @@ from collections import deque
 from typing import Awaitable, Callable
 
 from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
 from relay.audio.convert import FRAME_BYTES_48K_STEREO, FRAME_SAMPLES_48K, WEBRTC_RATE
@@ -45,7 +46,7 @@ class PlayoutTrack(MediaStreamTrack):
 
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
-            raise asyncio.CancelledError  # aiortc's sender stops on this
+            raise MediaStreamError  # aiortc's sender stops on this
         now = self._clock()
         if self._start is None:
             self._start = now

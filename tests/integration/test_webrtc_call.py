@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import aiohttp
 import numpy as np
@@ -12,7 +13,7 @@ from aiohttp import web
 
 from relay.config import Settings
 from relay.server.app import create_app
-from relay.server.calls import CALLS
+from relay.server.calls import CALLS, SETTINGS, TARGET, Call
 from relay.simulator.config import SimConfig
 from relay.simulator.server import start_simulator
 from relay.upstream.target import choose_upstream
@@ -106,9 +107,13 @@ async def test_a_multipart_session_is_applied_before_the_answer(relay):
     session = {"type": "realtime", "instructions": "Be brief.", "audio": {"output": {"voice": "cedar"}}}
     call = await call_relay(relay.url, session=session)
     try:
+        created = await call.wait_for("session.created")
+        # One session.created carrying the posted session, as OpenAI sends it; no stray session.updated that a
+        # client could take for the answer to its own first update.
+        assert created["session"]["instructions"] == "Be brief." and created["session"]["audio"]["output"]["voice"] == "cedar"
+        call.send({"type": "session.update", "session": {"type": "realtime", "instructions": "Mine."}})
         updated = await call.wait_for("session.updated")
-        assert updated["session"]["instructions"] == "Be brief." and updated["session"]["audio"]["output"]["voice"] == "cedar"
-        assert call.types()[:2] == ["session.created", "session.updated"]
+        assert updated["session"]["instructions"] == "Mine." and call.types()[:2] == ["session.created", "session.updated"]
         assert relay.upstream_received()[0]["type"] == "session.update"
     finally:
         await call.close()
@@ -190,7 +195,6 @@ async def test_bad_data_channel_messages_get_errors_and_reach_nobody(relay):
             ("{not json", "invalid_json"),
             (json.dumps({"type": "no.such.event"}), "invalid_value"),
             (json.dumps({"type": "input_audio_buffer.append", "audio": "AAAA"}), "invalid_value"),
-            (json.dumps({"type": "session.update", "session": {"type": "realtime", "bogus": 1}}), "unknown_parameter"),
         ]
         for number, (text, code) in enumerate(bad):
             call.send(text)
@@ -198,10 +202,14 @@ async def test_bad_data_channel_messages_get_errors_and_reach_nobody(relay):
             assert error["error"]["code"] == code, text
         call.channel.send(b"\x00binary")
         assert (await call.wait_for("error", after=len(call.events)))["error"]["code"] == "invalid_event"
+        # Fields the relay does not act on are the upstream's to judge, as on OpenAI's own endpoint.
+        call.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "bogus": 1}}))
+        error = await call.wait_for("error", after=len(call.events))
+        assert (error["error"]["code"], error["error"]["param"]) == ("unknown_parameter", "session.bogus")
         call.send({"type": "response.create", "response": {"output_modalities": ["text"]}})
         await call.wait_for("response.done")
         forwarded = [e.get("type") for e in relay.upstream_received() if e.get("type") != "input_audio_buffer.append"]
-        assert forwarded == ["response.create"]
+        assert forwarded == ["session.update", "response.create"]
     finally:
         await call.close()
 
@@ -344,8 +352,8 @@ async def test_with_interruptions_off_the_model_talks_through(simulator):
     relay = Relay(app, url, slow)
     call = await call_relay(relay.url)
     try:
-        updated = await call.wait_for("session.updated")  # the relay set it before answering
-        assert updated["session"]["audio"]["input"]["turn_detection"]["interrupt_response"] is False
+        created = await call.wait_for("session.created")  # the relay set it before answering
+        assert created["session"]["audio"]["input"]["turn_detection"]["interrupt_response"] is False
         call.mic.say_between(HELLO48, lead_ms=300, tail_ms=700)
         await call.wait_for("output_audio_buffer.started", timeout=20)
         await asyncio.sleep(0.3)
@@ -360,3 +368,95 @@ async def test_with_interruptions_off_the_model_talks_through(simulator):
         await call.close()
         await runner.cleanup()
         await slow.stop()
+
+
+# --- regressions from review ---------------------------------------------------------------------------------------
+
+
+async def test_retrieving_a_long_item_keeps_the_call_up_and_leaves_its_audio_out(relay):
+    # The official SDK retrieves items after every transcription; with their audio they outgrow the channel.
+    call = await call_relay(relay.url, session={"type": "realtime", "audio": {"input": {"transcription": {"model": "m"}}}})
+    try:
+        await call.wait_for("session.created")
+        call.mic.say_between(np.concatenate([HELLO48] * 4), lead_ms=300, tail_ms=900)  # ~7 s: ~340 KB of base64
+        done = await call.wait_for("conversation.item.input_audio_transcription.completed", timeout=30)
+        call.send({"type": "conversation.item.retrieve", "item_id": done["item_id"]})
+        retrieved = await call.wait_for("conversation.item.retrieved")
+        part = retrieved["item"]["content"][0]
+        assert "audio" not in part and part["transcript"].startswith("[speech")
+        assert call.call_id in relay.calls
+    finally:
+        await call.close()
+
+
+async def test_an_offer_without_opus_is_a_400(relay):
+    def pcmu_only(sdp: str) -> str:
+        """The client's offer with Opus taken out (its payload type and every line about it)."""
+        opus = re.search(r"a=rtpmap:(\d+) opus/48000", sdp).group(1)
+        lines = [line for line in sdp.split("\r\n") if not re.match(rf"a=(rtpmap|fmtp|rtcp-fb):{opus}\b", line)]
+        return "\r\n".join(
+            " ".join(p for p in line.split(" ") if p != opus) if line.startswith("m=audio") else line for line in lines
+        )
+
+    with pytest.raises(AssertionError, match="400") as failure:
+        await call_relay(relay.url, mutate_offer=pcmu_only)
+    assert "invalid_offer" in str(failure.value) and relay.calls == {}
+
+
+@pytest.mark.parametrize(
+    "body, content_type",
+    [
+        (b"--x\r\nContent-Disposition: form-data; name=\"sdp\"\r\n\r\nv=0\r\n--x--\r\n", "multipart/form-data"),  # no boundary
+        (b"--x\r\nContent-Disposition: form-data; name=\"sdp\"\r\n\r\nv=0 unfinished", "multipart/form-data; boundary=x"),
+        (b"--x\r\nContent-Type: multipart/mixed; boundary=y\r\n\r\n--y\r\n\r\nz\r\n--y--\r\n--x--\r\n", "multipart/form-data; boundary=x"),
+        (b"--x\r\nContent-Disposition: form-data; name=\"session\"\r\n\r\n" + b"[" * 60000 + b"\r\n--x--\r\n", "multipart/form-data; boundary=x"),
+    ],
+    ids=["no-boundary", "truncated", "nested", "deep-json"],
+)
+async def test_malformed_multipart_bodies_are_a_400_not_a_500(relay, body, content_type):
+    status, answer = await _post(relay.url, body, content_type)
+    assert status == 400 and answer["error"]["code"] in {"invalid_multipart", "invalid_session", "missing_sdp"}
+
+
+async def test_an_upstream_speaking_garbage_is_a_502():
+    async def garbage(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str("[]")
+        await ws.receive()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/realtime", garbage)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        answer = await _refused_call(f"ws://127.0.0.1:{runner.addresses[0][1]}/v1/realtime")
+        assert "502" in answer and "upstream_protocol_error" in answer
+    finally:
+        await runner.cleanup()
+
+
+class StubChannel:
+    """Stands for aiortc's RTCDataChannel: refuses messages over `limit` as aiortc does."""
+
+    def __init__(self, limit: int = 1000, buffered: int = 0) -> None:
+        self.limit, self.bufferedAmount, self.readyState, self.sent = limit, buffered, "open", []
+
+    def send(self, text: str) -> None:
+        if len(text) > self.limit:
+            raise ValueError("Cannot send message of %d bytes" % len(text))
+        self.sent.append(json.loads(text))
+
+
+async def test_an_event_too_large_for_the_channel_becomes_an_error_event(relay):
+    call = Call(relay.app[SETTINGS], relay.app[TARGET], on_closed=lambda c: None)
+    call.channel = StubChannel(limit=1000)
+    call._to_client_text(json.dumps({"type": "session.updated", "session": {"instructions": "x" * 5000}}))
+    (sent,) = call.channel.sent
+    assert sent["type"] == "error" and sent["error"]["code"] == "event_too_large"
+    call.channel = StubChannel(buffered=64 * 1024 * 1024)  # the client stopped acknowledging
+    call._to_client_text("{}")
+    await asyncio.wait_for(call.closed.wait(), 5)
+    assert call.close_reason == "client not reading its data channel"

@@ -131,8 +131,10 @@ def test_interruptions_off_keeps_talking_and_forces_interrupt_response_false():
     actions = core.on_server_event({"type": "input_audio_buffer.speech_started", "event_id": "e", "audio_start_ms": 0, "item_id": "i"})
     assert upstream(actions) == [] and core.tick()[0] == FRAME
     update = {"type": "session.update", "session": {"type": "realtime", "audio": {"input": {"turn_detection": {"type": "server_vad"}}}}}
-    (forwarded,) = upstream(core.on_client_event(json.dumps(update)))
-    assert forwarded["session"]["audio"]["input"]["turn_detection"]["interrupt_response"] is False
+    actions, text = core.on_client_event(json.dumps(update))
+    assert actions == [] and json.loads(text)["session"]["audio"]["input"]["turn_detection"]["interrupt_response"] is False
+    nulls = json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": None}})
+    assert core.on_client_event(nulls) == ([], nulls)  # not the relay's to judge: forwarded untouched
 
 
 def test_errors_caused_by_our_own_events_are_swallowed_others_forwarded():
@@ -148,16 +150,54 @@ def test_errors_caused_by_our_own_events_are_swallowed_others_forwarded():
 
 def test_client_events_policy():
     core = CallCore()
-    (a,) = core.on_client_event("not json")
-    assert a.event["type"] == "error" and a.event["error"]["code"] == "invalid_json"
-    (a,) = core.on_client_event(json.dumps({"type": "bogus.event"}))
-    assert a.event["error"]["code"] == "invalid_value"
-    (a,) = core.on_client_event(json.dumps({"type": "input_audio_buffer.append", "audio": "", "event_id": "c1"}))
-    assert isinstance(a, ToClient) and a.event["error"]["event_id"] == "c1"
-    (a,) = core.on_client_event(json.dumps({"type": "response.create", "event_id": "c2"}))
-    assert a == ToUpstream({"type": "response.create", "event_id": "c2"})
-    assert core.on_client_event(json.dumps({"type": "output_audio_buffer.clear"})) == []  # nothing playing
-    assert core.stats.client_errors == 3
+    for text, code in [("not json", "invalid_json"), ("[1]", "invalid_json"), ('{"x": NaN}', "invalid_json"),
+                       (json.dumps({"type": "bogus.event"}), "invalid_value"), (json.dumps({}), "missing_required_parameter")]:
+        (a,), forwarded = core.on_client_event(text)
+        assert a.event["error"]["code"] == code and forwarded is None, text
+    (a,), forwarded = core.on_client_event(json.dumps({"type": "input_audio_buffer.append", "audio": "", "event_id": "c1"}))
+    assert a.event["error"]["event_id"] == "c1" and forwarded is None
+    text = json.dumps({"type": "response.create", "event_id": "c2", "response": {"future_field": 1}})
+    assert core.on_client_event(text) == ([], text)  # forwarded exactly as sent: new fields are upstream's business
+    assert core.on_client_event(json.dumps({"type": "output_audio_buffer.clear"})) == ([], None)  # nothing playing
+    assert core.stats.client_errors == 6
+
+
+def test_audio_formats_are_the_relays_to_choose():
+    core = CallCore()
+    pcmu = {"type": "audio/pcmu"}
+    update = {"type": "session.update", "session": {"type": "realtime", "audio": {"input": {"format": pcmu}, "output": {"format": pcmu}}}}
+    _, text = core.on_client_event(json.dumps(update))
+    audio = json.loads(text)["session"]["audio"]
+    assert audio["input"]["format"] == audio["output"]["format"] == {"type": "audio/pcm", "rate": 24000}
+    create = {"type": "response.create", "response": {"audio": {"output": {"format": pcmu, "voice": "marin"}}}}
+    _, text = core.on_client_event(json.dumps(create))
+    assert json.loads(text)["response"]["audio"]["output"] == {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "marin"}
+
+
+def test_the_sessions_own_interrupt_response_false_is_honoured():
+    core = CallCore()
+    core.on_server_event({"type": "session.updated", "event_id": "e", "session": {"audio": {"input": {"turn_detection": {"type": "server_vad", "interrupt_response": False}}}}})
+    start_response(core)
+    core.on_audio("resp_1", "item_1", frames(10), source_ms=200)
+    actions = core.on_server_event({"type": "input_audio_buffer.speech_started", "event_id": "e", "audio_start_ms": 0, "item_id": "i"})
+    assert upstream(actions) == [] and core.tick()[0] == FRAME
+
+
+def test_malformed_upstream_events_are_forwarded_without_breaking_the_state():
+    core = CallCore()
+    for event in [{"type": "response.created"}, {"type": "response.done", "response": "x"},
+                  {"type": "response.done", "response": {"id": ["unhashable"]}}, {"type": "session.updated", "session": None}]:
+        assert client_types(core.on_server_event(event)) == [event["type"]]
+    start_response(core)
+    core.on_audio("resp_1", "item_1", frames(2), source_ms=40)
+    assert core.tick()[0] == FRAME
+
+
+def test_no_cleared_event_when_no_audio_was_flushed():
+    core = CallCore()
+    start_response(core)  # generating, no audio yet
+    actions = core.flush()
+    assert [e["type"] for e in upstream(actions)] == ["response.cancel"] and client_types(actions) == []
 
 
 def test_client_clear_flushes_like_a_barge_in():
@@ -165,8 +205,8 @@ def test_client_clear_flushes_like_a_barge_in():
     start_response(core)
     core.on_audio("resp_1", "item_1", frames(10), source_ms=200)
     play(core, 3)
-    actions = core.on_client_event(json.dumps({"type": "output_audio_buffer.clear"}))
-    assert client_types(actions) == ["output_audio_buffer.cleared"]
+    actions, forwarded = core.on_client_event(json.dumps({"type": "output_audio_buffer.clear"}))
+    assert client_types(actions) == ["output_audio_buffer.cleared"] and forwarded is None
     assert [e["type"] for e in upstream(actions)] == ["response.cancel", "conversation.item.truncate"]
 
 
@@ -203,23 +243,17 @@ def test_reorder_buffer_wraps_and_restarts():
     assert buf.push(30001, 4) == [] and buf.late == 1  # duplicate
 
 
-def test_leading_silence_is_skipped_only_while_behind_and_counts_as_played():
+def test_leading_silence_is_skipped_pauses_are_not_and_skipped_frames_count_as_played():
     core = CallCore()
     start_response(core)
-    core.on_audio("resp_1", "item_1", [QUIET] * 3 + [FRAME] * 2 + [QUIET] * 2 + [FRAME], source_ms=160)
-    frame, _ = core.tick()  # behind by 7 frames: the 3 leading silent frames are skipped
-    assert frame == FRAME and core.stats.leading_silence_skipped == 3
-    played = [core.tick()[0] for _ in range(4)]
-    assert played == [FRAME, QUIET, QUIET, FRAME]  # a pause inside speech is never cut
-    assert core.stats.frames_played == 5
-
-
-def test_leading_silence_plays_when_not_behind_and_truncation_counts_skipped_frames():
-    core = CallCore()
-    start_response(core)
-    core.on_audio("resp_1", "item_1", [QUIET], source_ms=20)
-    assert core.tick()[0] == QUIET  # nothing queued behind it: nothing to win back
-    core.on_audio("resp_1", "item_1", [QUIET] * 4 + [FRAME] * 10, source_ms=280)
-    core.tick()
-    (_, truncate) = upstream(core.flush())
-    assert truncate["audio_end_ms"] == 6 * 20  # 1 played + 4 skipped + 1 played, in the item's own time
+    core.on_audio("resp_1", "item_1", [QUIET] * 2, source_ms=40)  # a first delta of silence only
+    core.on_audio("resp_1", "item_1", [QUIET] + [FRAME] * 2 + [QUIET] * 2 + [FRAME], source_ms=120)
+    assert core.stats.leading_silence_skipped == 3
+    played = [core.tick()[0] for _ in range(6)]
+    assert played == [FRAME, FRAME, QUIET, QUIET, FRAME, None]  # a pause inside speech is never cut
+    core2 = CallCore()
+    start_response(core2)
+    core2.on_audio("resp_1", "item_1", [QUIET] * 4 + [FRAME] * 10, source_ms=280)
+    core2.tick()
+    (_, truncate) = upstream(core2.flush())
+    assert truncate["audio_end_ms"] == 5 * 20  # 4 skipped + 1 played, in the item's own time

@@ -33,9 +33,12 @@ def opus_packets(count: int, first_seq: int = 100, first_ts: int = 5000) -> list
     return [Packet((first_seq + i) % 65536, (first_ts + i * 960) % 2**32, data) for i, data in enumerate(payloads)]
 
 
-def run(packets: list[Packet], **kwargs) -> tuple[InboundAudio, list[bytes]]:
+def run(packets: list[Packet], arrivals: list[float] | None = None, **kwargs) -> tuple[InboundAudio, list[bytes]]:
+    """Feed the packets as arriving 20 ms apart (or at `arrivals`, in seconds)."""
+    arrivals = arrivals or [i * 0.020 for i in range(len(packets))]
+    now = iter(arrivals)
     chunks: list[bytes] = []
-    tap = InboundAudio(chunks.append, **kwargs)
+    tap = InboundAudio(chunks.append, clock=lambda: next(now), **kwargs)
     for packet in packets:
         assert tap.add(packet) == (False, None)  # aiortc's decoder never gets anything
     return tap, chunks
@@ -82,9 +85,19 @@ def test_a_pause_is_filled_up_to_the_cap_and_sequence_numbers_wrap():
     packets = opus_packets(20, first_seq=65530)
     for packet in packets[10:]:
         packet.timestamp += 48000 * 5  # the client paused for 5 s
-    tap, chunks = run(packets, max_gap_fill_ms=1000)
+    arrivals = [i * 0.020 + (5.0 if i >= 10 else 0.0) for i in range(20)]
+    tap, chunks = run(packets, arrivals, max_gap_fill_ms=1000)
     assert tap.stats.gap_fill_ms == 1000
     assert abs(ms(chunks) - (400 + 1000)) < 1
+
+
+def test_a_client_cannot_send_more_audio_than_real_time():
+    packets = opus_packets(50)
+    for i, packet in enumerate(packets):
+        packet.timestamp = (5000 + i * 48000) % 2**32  # each 20 ms packet claims a second has passed
+    tap, chunks = run(packets)  # ...but they arrive 20 ms apart: 1 s of wall time
+    assert ms(chunks) <= 1000 + 500  # real time plus the jitter slack, not 49 s
+    assert tap.stats.over_budget_ms > 40_000
 
 
 def test_garbage_payloads_are_counted_not_fatal():
