@@ -19,6 +19,13 @@ from relay.protocol import CLIENT_EVENT_TYPES, ProtocolError, loads, new_id
 FRAME_MS = 20
 RELAY_EVENT_PREFIX = "relay_"
 SILENCE_PEAK = 100  # a frame whose samples all stay below this (about -50 dBFS) is silence
+# A stream the model sends at about real time (not faster) turns any burst into lasting delay: the queue can never
+# drain. When audio has been arriving at LIVE_RATES times real time over the last LIVE_WINDOW_TICKS and more than
+# LIVE_TARGET_FRAMES are queued, silent frames are skipped until the queue is back at target. A reply generated
+# faster than real time (the queue is simply the rest of it) never qualifies: its pauses are kept.
+LIVE_WINDOW_TICKS = 50
+LIVE_RATES = (0.5, 1.25)
+LIVE_TARGET_FRAMES = 2
 # The relay carries PCM16 at 24 kHz to the upstream and back, whatever a client asks for: over WebRTC the codec is
 # Opus and the upstream format is the relay's business (as on OpenAI's own WebRTC endpoint).
 UPSTREAM_FORMAT = {"type": "audio/pcm", "rate": 24000}
@@ -61,6 +68,7 @@ class CallStats:
     frames_played: int = 0
     silence_frames: int = 0
     leading_silence_skipped: int = 0
+    live_silence_skipped: int = 0
     frames_dropped: int = 0  # the playout queue was full
     barge_ins: int = 0
     truncations: int = 0
@@ -89,6 +97,8 @@ class CallCore:
         self._playing: str | None = None  # response whose output_audio_buffer.started went out
         self._flushed: set[str] = set()  # responses whose late audio must be dropped
         self._own_event_ids: deque[str] = deque(maxlen=256)
+        self._ticks = 0  # the playout clock: 20 ms a tick
+        self._arrivals: deque[tuple[int, float]] = deque()  # (tick, ms of audio) over the last window
 
     # --- upstream -> relay -------------------------------------------------------------------------------------
 
@@ -149,6 +159,7 @@ class CallCore:
         if item is None:
             item = self._items[item_id] = ItemPlayout(response_id, item_id, lead_ms=lead_ms)
         item.received_ms += source_ms
+        self._arrivals.append((self._ticks, source_ms))
         for frame in frames:
             if not item.sound_queued and not item.queued_frames and _is_silence(frame):
                 item.emitted_frames += 1
@@ -167,21 +178,38 @@ class CallCore:
 
     def tick(self) -> tuple[bytes | None, list[Action]]:
         """One 20 ms tick: the frame to send now (None: silence), and the events it causes."""
+        self._ticks += 1
         if not self._queue:
             self.stats.silence_frames += 1
             return None, []
-        item, frame = self._queue.popleft()
-        item.queued_frames -= 1
-        item.emitted_frames += 1
+        while len(self._queue) > LIVE_TARGET_FRAMES and self._live() and _is_silence(self._queue[0][1]):
+            self._dequeue()  # counted as played: the item's timeline moves on
+            self.stats.live_silence_skipped += 1
+        item, frame = self._dequeue()
         self.stats.frames_played += 1
         response_id = item.response_id
-        self._queued_by_response[response_id] -= 1
         actions: list[Action] = []
         if self._playing != response_id:
             self._playing = response_id
             actions.append(ToClient(_event("output_audio_buffer.started", response_id=response_id)))
         actions += self._maybe_stopped(response_id)
         return frame, actions
+
+    def _dequeue(self) -> tuple[ItemPlayout, bytes]:
+        item, frame = self._queue.popleft()
+        item.queued_frames -= 1
+        item.emitted_frames += 1
+        self._queued_by_response[item.response_id] -= 1
+        return item, frame
+
+    def _live(self) -> bool:
+        """Has the model's audio been arriving at about real time for a whole window (not faster)?"""
+        while self._arrivals and self._arrivals[0][0] <= self._ticks - LIVE_WINDOW_TICKS:
+            self._arrivals.popleft()
+        if self._ticks < LIVE_WINDOW_TICKS:
+            return False
+        rate = sum(ms for _, ms in self._arrivals) / (LIVE_WINDOW_TICKS * FRAME_MS)
+        return LIVE_RATES[0] <= rate <= LIVE_RATES[1]
 
     def _maybe_stopped(self, response_id: str) -> list[Action]:
         """output_audio_buffer.stopped once a finished response's audio has all been played."""

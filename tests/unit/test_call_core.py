@@ -257,3 +257,24 @@ def test_leading_silence_is_skipped_pauses_are_not_and_skipped_frames_count_as_p
     core2.tick()
     (_, truncate) = upstream(core2.flush())
     assert truncate["audio_end_ms"] == 5 * 20  # 4 skipped + 1 played, in the item's own time
+
+
+def test_a_live_stream_wins_back_a_burst_in_its_pauses():
+    core = CallCore()
+    start_response(core)
+    for _ in range(60):  # a second and more of audio arriving in real time, one frame a tick
+        core.on_audio("resp_1", "item_1", [FRAME], source_ms=20)
+        core.tick()
+    core.on_audio("resp_1", "item_1", [FRAME, QUIET, QUIET, QUIET, QUIET, FRAME], source_ms=120)  # a burst
+    core.tick()  # sound is never skipped
+    core.on_audio("resp_1", "item_1", [FRAME], source_ms=20)
+    core.tick()  # behind by 5 frames, live, silence at the head: skipped down to the target, then one played
+    assert core.stats.live_silence_skipped == 4 and len(core._queue) == 1
+
+
+def test_a_faster_than_real_time_reply_keeps_its_pauses():
+    core = CallCore()
+    start_response(core)
+    core.on_audio("resp_1", "item_1", ([FRAME] * 20 + [QUIET] * 10) * 10, source_ms=6000)  # 6 s at once
+    played = [core.tick()[0] for _ in range(300)]  # nothing more arrives while it plays: not a live stream
+    assert played.count(QUIET) == 100 and core.stats.live_silence_skipped == 0
