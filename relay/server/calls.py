@@ -168,12 +168,13 @@ class Call:
 
     def _send_to_channel(self, text: str) -> None:
         try:
-            self.channel.send(text)
-        except ValueError:  # larger than the client's max-message-size
-            self.dropped_client_events += 1
-            self.channel.send(json.dumps(error_event(
-                "event_too_large", f"An event of {len(text)} bytes was too large for the data channel and was dropped.",
-                "server_error")))
+            try:
+                self.channel.send(text)
+            except ValueError:  # larger than the client's max-message-size
+                self.dropped_client_events += 1
+                self.channel.send(json.dumps(error_event(
+                    "event_too_large", f"An event of {len(text)} bytes was too large for the data channel and was "
+                    "dropped.", "server_error")))
         except InvalidStateError:
             return  # the channel closed: the call is ending
         if self.channel.bufferedAmount > MAX_CHANNEL_BUFFER_BYTES:
@@ -247,9 +248,11 @@ class Call:
                 self._dispatch([action])
 
     def _on_audio_delta(self, event: dict[str, Any]) -> None:
+        response_id, item_id = event.get("response_id"), event.get("item_id")
         try:
+            if not (isinstance(response_id, str) and isinstance(item_id, str)):
+                raise ValueError("ids must be strings")
             pcm = base64.b64decode(event["delta"], validate=True)
-            response_id, item_id = event["response_id"], event["item_id"]
         except (KeyError, TypeError, binascii.Error, ValueError):
             log.warning("call %s: malformed audio delta dropped", self.id)
             return
