@@ -16,6 +16,11 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 ENV_NAMES = {"openai_api_key": "OPENAI_API_KEY"}
+# gpt-realtime's list prices, USD per million tokens (2026): what the page and the usage totals estimate cost with.
+DEFAULT_PRICES = {
+    "audio_input": 32.0, "cached_audio_input": 0.4, "audio_output": 64.0,
+    "text_input": 4.0, "cached_text_input": 0.4, "text_output": 16.0,
+}
 
 
 def _is_loopback(host: str) -> bool:
@@ -68,6 +73,26 @@ class Settings(BaseModel):
         True, description="flush the model's audio when the user starts speaking (false: keep talking through)"
     )
     reorder_window: int = Field(2, ge=0, le=16, description="packets the inbound audio may wait for a late packet")
+    prices: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_PRICES),
+        description="USD per million tokens, JSON, for cost estimates: "
+        + ", ".join(f"{k} (default {v:g})" for k, v in DEFAULT_PRICES.items()),
+    )
+
+    @field_validator("prices", mode="before")
+    @classmethod
+    def _prices(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"must be a JSON object of prices: {exc}") from None
+        if isinstance(value, dict):
+            unknown = set(value) - set(DEFAULT_PRICES)
+            if unknown:
+                raise ValueError(f"unknown price names {sorted(unknown)}; known: {sorted(DEFAULT_PRICES)}")
+            return {**DEFAULT_PRICES, **value}
+        return value
 
     @field_validator("ice_addresses", mode="before")
     @classmethod

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from pathlib import Path
 from urllib.parse import urlencode
 
 from aiohttp import web
@@ -23,11 +24,35 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+STATIC = Path(__file__).resolve().parent.parent / "static"
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def client_config(settings: Settings):
+    """What the bundled page (and any client) may know of the relay's configuration: never a secret."""
+    body = {
+        "ice_servers": settings.ice_servers,
+        "locked": [],  # session fields the operator forbids clients to change (the event policy fills this)
+        "prices": settings.prices,
+    }
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(body)
+
+    return handler
+
+
 def create_app(settings: Settings, upstream: UpstreamTarget) -> web.Application:
     """The relay's routes. Applies the process-wide ICE address restriction (aioice has no per-call option)."""
     restrict_host_addresses(settings.ice_addresses)
     app = web.Application(client_max_size=settings.max_sdp_bytes)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/", index)
+    app.router.add_get("/relay/client-config", client_config(settings))
+    app.router.add_static("/static/", STATIC)
     add_call_routes(app, settings, upstream)
     return app
 

@@ -460,3 +460,26 @@ async def test_an_event_too_large_for_the_channel_becomes_an_error_event(relay):
     call._to_client_text("{}")
     await asyncio.wait_for(call.closed.wait(), 5)
     assert call.close_reason == "client not reading its data channel"
+
+
+async def test_the_page_and_its_client_config_are_served_without_secrets(simulator):
+    settings = Settings.load(env={"RELAY_UPSTREAM_API_KEY": "sk-canary-page", "RELAY_PRICES": '{"audio_output": 50}'},
+                             upstream_url=simulator.url, ice_addresses="127.0.0.1",
+                             ice_servers='[{"urls": "stun:stun.example.org:3478"}]')
+    app, runner, url = await _serve(settings)
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "/") as response:
+                page = await response.text()
+                assert response.status == 200 and "<title>relay" in page and 'src="/static/app.js"' in page
+            for asset in ("app.js", "style.css"):
+                async with http.get(f"{url}/static/{asset}") as response:
+                    assert response.status == 200
+            async with http.get(url + "/relay/client-config") as response:
+                text = await response.text()
+        config = json.loads(text)
+        assert config["ice_servers"] == [{"urls": "stun:stun.example.org:3478"}] and config["locked"] == []
+        assert config["prices"]["audio_output"] == 50 and config["prices"]["audio_input"] == 32
+        assert "sk-canary-page" not in text
+    finally:
+        await runner.cleanup()
