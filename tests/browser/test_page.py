@@ -179,3 +179,18 @@ async def test_phone_width_keyboard_and_labels(browser, stack):
     await p.click("#disconnect")
     await context.close()
     assert errors == []
+
+
+async def test_a_refused_call_shows_the_relays_reason(page, stack):
+    reason = {"error": {"message": "The model service cannot be reached.", "type": "upstream_error",
+                        "code": "upstream_unavailable", "param": None}}
+    await page.page.route("**/v1/realtime/calls", lambda route: route.fulfill(
+        status=502, content_type="application/json", body=json.dumps(reason)))
+    await page.page.goto(stack.relay_url + "/")
+    await page.page.click("#connect")
+    state = page.page.locator('#state[data-state="error"]')
+    await state.wait_for(timeout=20_000)
+    assert "The model service cannot be reached." in await state.inner_text()
+    assert await page.page.is_enabled("#connect") and await page.page.is_disabled("#disconnect")
+    # The failed request itself is the only console error (Chromium logs every non-2xx fetch).
+    assert all("502" in error for error in page.console_errors)
