@@ -1,15 +1,23 @@
 """The aiortc/aioice internals the relay relies on (relay/webrtc/aiortc_internals.py). If an upgrade moves any of
 them, these fail: an upgrade must break a test, not the audio."""
 
+import asyncio
 import inspect
 
 import aioice.ice
 import aiortc
-from aiortc import RTCRtpReceiver
+import numpy as np
+from aiortc import RTCRtpReceiver, RTCRtpSender
 from aiortc.jitterbuffer import JitterBuffer
 
 from relay.webrtc import aiortc_internals
-from relay.webrtc.aiortc_internals import JITTER_BUFFER_ATTRIBUTE, install_packet_tap, restrict_host_addresses
+from relay.webrtc.aiortc_internals import (
+    JITTER_BUFFER_ATTRIBUTE,
+    _next_encoded_frame_inline,
+    install_packet_tap,
+    restrict_host_addresses,
+    speed_up_audio_sender,
+)
 
 
 async def _audio_receiver():
@@ -53,3 +61,63 @@ def test_aioice_still_finds_host_addresses_through_the_function_we_replace():
     finally:
         restrict_host_addresses([])
     assert aioice.ice.get_host_addresses is aiortc_internals._original_get_host_addresses
+
+
+def test_the_sender_code_we_replace_is_still_what_we_copied():
+    from relay.webrtc.aiortc_internals import _original_next_encoded_frame
+
+    source = inspect.getsource(_original_next_encoded_frame)
+    for line in ("data = await self.__track.recv()", "audio_level = rtp.compute_audio_level_dbov(data)",
+                 "None, self.__encoder.encode, data, force_keyframe", "self.__encoder = get_encoder(codec)",
+                 "return RTCEncodedFrame(payloads, timestamp, audio_level)"):
+        assert line in source, line
+    assert "rtp.compute_audio_level_dbov" in inspect.getsource(aiortc.rtcrtpsender.RTCRtpSender)
+
+
+def test_numpy_audio_level_matches_rfc_6465():
+    from av import AudioFrame
+
+    from relay.webrtc.aiortc_internals import _original_audio_level, audio_level_dbov
+
+    tone = (np.sin(np.arange(960) * 0.05) * 8000).astype("<i2")
+    mono = AudioFrame.from_ndarray(tone.reshape(1, -1), format="s16", layout="mono")
+    stereo = AudioFrame.from_ndarray(np.repeat(tone, 2).reshape(1, -1), format="s16", layout="stereo")
+    silent = AudioFrame.from_ndarray(np.zeros((1, 1920), "<i2"), format="s16", layout="stereo")
+    assert audio_level_dbov(mono) == _original_audio_level(mono) == -15
+    assert audio_level_dbov(stereo) == -15  # the same sound (aiortc's own loop says -12 for stereo: +3 dB)
+    assert audio_level_dbov(silent) == -127
+
+
+async def test_the_inline_sender_sends_audio():
+    """A real call with the faster sender: audio frames arrive at the other peer."""
+    from tests.webrtc_client import Microphone
+
+    speed_up_audio_sender()
+    restrict_host_addresses(["127.0.0.1"])
+    sender_pc, receiver_pc = aiortc.RTCPeerConnection(), aiortc.RTCPeerConnection()
+    try:
+        mic = Microphone()
+        mic.say(np.full(48000, 3000, dtype="<i2"))
+        sender_pc.addTrack(mic)
+        frames: list = []
+        reading: list[asyncio.Task] = []
+
+        @receiver_pc.on("track")
+        def on_track(track):
+            async def read():
+                while len(frames) < 20:
+                    frames.append(await track.recv())
+            reading.append(asyncio.ensure_future(read()))
+
+        await sender_pc.setLocalDescription(await sender_pc.createOffer())
+        await receiver_pc.setRemoteDescription(sender_pc.localDescription)
+        await receiver_pc.setLocalDescription(await receiver_pc.createAnswer())
+        await sender_pc.setRemoteDescription(receiver_pc.localDescription)
+        async with asyncio.timeout(10):
+            while len(frames) < 20:
+                await asyncio.sleep(0.05)
+        assert RTCRtpSender._next_encoded_frame is _next_encoded_frame_inline
+    finally:
+        await sender_pc.close()
+        await receiver_pc.close()
+        restrict_host_addresses([])
