@@ -248,6 +248,12 @@ class CallCore:
                 actions.append(ToUpstream(self._own(
                     "conversation.item.truncate", item_id=item.item_id, content_index=0, audio_end_ms=item.heard_ms
                 )))
+                # OpenAI drops a truncated item's transcript; only the relay knows how much of the audio it has
+                # (so far) was heard, which lets a client mark the unheard part of the transcript it received.
+                actions.append(ToClient(_event(
+                    "relay.item.truncated", item_id=item.item_id, audio_end_ms=item.heard_ms,
+                    audio_received_ms=int(item.received_ms),
+                )))
             else:
                 self.stats.deletions += 1
                 actions.append(ToUpstream(self._own("conversation.item.delete", item_id=item.item_id)))

@@ -1,12 +1,21 @@
 // relay's web client: the reference client for the relay's public interface, and a page to talk to the model.
 //
-// It uses only what any client may use: POST /v1/realtime/calls with an SDP offer (OpenAI's WebRTC interface),
-// the `oai-events` data channel for the Realtime API's JSON events, and GET /relay/client-config for the relay's
-// ICE servers, the session fields the operator has locked, and token prices. No build step, no library.
+// It uses only what any client may use: POST {BASE}/v1/realtime/calls with an SDP offer (OpenAI's WebRTC
+// interface), the `oai-events` data channel for the Realtime API's JSON events, and, when the server has it,
+// GET {BASE}/relay/client-config for ICE servers, the session fields the operator locked, and token prices.
+// No build step, no library.
 "use strict";
 
-const $ = (id) => document.getElementById(id);
+// Where the relay is: this page's own origin, or ?base=https://relay.example.org
+const BASE = new URLSearchParams(location.search).get("base") || "";
+const DEFAULT_CONFIG = { ice_servers: [], locked: [], prices: {} };
+const HANGUP_WAIT_MS = 1000;
+const QUIET_ERRORS = new Set([
+  "response_cancel_not_active", // Interrupt always cancels; a reply already fully generated makes this harmless
+  "input_audio_buffer_commit_empty", // Reply now after the VAD already committed the turn: the reply still comes
+]);
 
+const $ = (id) => document.getElementById(id);
 const ui = {
   state: $("state"), connect: $("connect"), disconnect: $("disconnect"), mute: $("mute"), reply: $("reply"),
   interrupt: $("interrupt"), pttBox: $("ptt-box"), ptt: $("ptt"), meterIn: $("meter-in"), meterOut: $("meter-out"),
@@ -17,18 +26,23 @@ const ui = {
   latencyList: $("latency-list"), usageIn: $("usage-in"), usageOut: $("usage-out"), usageCost: $("usage-cost"),
 };
 
-// Everything about the current call. Exposed as window.relayApp for tests and for curious developers.
+// The page's state. Exposed as window.relayApp for tests and curious developers.
 const app = {
-  config: { ice_servers: [], locked: [], prices: {} },
-  pc: null, channel: null, mic: null, callId: null, state: "idle",
-  muted: false, pttHeld: false,
-  speechStoppedAt: null, // when the user's last turn ended (performance.now()), waiting for the answer's first sound
-  latencies: [], // ms, one per turn
+  config: DEFAULT_CONFIG,
+  call: null, // the current Call, or null
+  state: "idle",
+  muted: false,
+  mode: "server_vad", // the turn detection last sent (not the dropdown's unapplied value)
+  transcribing: true,
+  hold: null, // push-to-talk hold in progress: {source: "key"} or {source: "pointer", id}
+  speechStoppedAt: null, // when the user's last turn ended, waiting for the answer's first sound
+  latencies: [],
   usage: { input: 0, output: 0, cost: 0 },
-  entries: new Map(), // conversation item id -> its transcript element
-  truncated: new Map(), // item id -> audio_end_ms, for items cut by a barge-in
+  entries: new Map(), // conversation item id -> transcript entry
+  heard: new Map(), // item id -> {audio_end_ms, audio_received_ms} from the relay, for items cut by a barge-in
   events: [], // every event received, newest last (capped)
-  audioContext: null, meters: [],
+  audioContext: null,
+  get pc() { return this.call && this.call.pc; },
 };
 window.relayApp = app;
 
@@ -39,15 +53,21 @@ const STATE_TEXT = {
   ended: "Call ended", error: "Error",
 };
 
-function setState(state, reason) {
+function setState(state, reason = "") {
+  const wasLive = app.state === "connected" || app.state === "reconnecting";
   app.state = state;
   ui.state.dataset.state = state;
-  ui.state.textContent = reason ? `${STATE_TEXT[state]}: ${reason}` : STATE_TEXT[state];
+  ui.state.textContent = STATE_TEXT[state];
+  showError(state === "error" ? reason : "");
   const live = state === "connected" || state === "reconnecting";
   ui.connect.disabled = state === "connecting" || live;
   ui.disconnect.disabled = !(state === "connecting" || live);
-  for (const button of [ui.mute, ui.reply, ui.interrupt, ui.ptt, ui.apply]) button.disabled = !live;
+  for (const button of [ui.mute, ui.reply, ui.interrupt, ui.apply]) button.disabled = !live;
+  syncMic();
   applyLocks();
+  // Keep keyboard focus on a usable button when the one focused becomes disabled.
+  if (state === "connected" && !wasLive && document.activeElement === document.body) ui.disconnect.focus();
+  if ((state === "ended" || state === "error") && (document.activeElement === document.body || document.activeElement.disabled)) ui.connect.focus();
 }
 
 function showError(message) {
@@ -55,91 +75,150 @@ function showError(message) {
   ui.error.hidden = !message;
 }
 
-// --- connecting ---------------------------------------------------------------------------------------------------
+// --- one call -------------------------------------------------------------------------------------------------------
 
-async function connect() {
-  showError("");
-  setState("connecting");
-  try {
-    app.config = await (await fetch("/relay/client-config")).json();
+class Cancelled extends Error {}
+
+// One connection attempt and, if it succeeds, the call. Everything it opens (microphone, peer connection, meters)
+// it closes itself; its callbacks do nothing once it is no longer the current call.
+class Call {
+  constructor() {
+    this.pc = null; this.channel = null; this.mic = null; this.callId = null;
+    this.closed = false; this.hangingUp = false; this.meters = [];
+  }
+
+  current() { return app.call === this && !this.closed; }
+
+  check() { if (!this.current()) throw new Cancelled(); }
+
+  async start() {
+    app.config = await loadConfig();
+    this.check();
     applyLocks();
-    app.mic = await navigator.mediaDevices.getUserMedia({
+    this.mic = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
     });
-    const pc = (app.pc = new RTCPeerConnection({ iceServers: app.config.ice_servers }));
-    const [track] = app.mic.getAudioTracks();
-    track.enabled = !app.muted && !isPushToTalk();
-    pc.addTrack(track, app.mic);
+    this.check();
+    const pc = (this.pc = new RTCPeerConnection({ iceServers: app.config.ice_servers || [] }));
+    pc.addTrack(this.mic.getAudioTracks()[0], this.mic);
     pc.ontrack = (event) => {
+      if (!this.current()) return;
       ui.audio.srcObject = event.streams[0] || new MediaStream([event.track]);
-      watchLevel(ui.audio.srcObject, ui.meterOut);
+      this.meters.push(watchLevel(ui.audio.srcObject, ui.meterOut));
     };
-    pc.onconnectionstatechange = () => {
-      if (pc !== app.pc) return;
-      if (pc.connectionState === "failed") endCall("error", "the connection to the relay failed");
-      if (pc.connectionState === "closed" && app.state !== "ended") endCall("ended");
-    };
-    const channel = (app.channel = pc.createDataChannel("oai-events"));
+    pc.onconnectionstatechange = () => this.onConnectionState();
+    const channel = (this.channel = pc.createDataChannel("oai-events"));
     channel.onopen = () => {
+      if (!this.current()) return;
       setState("connected");
       sendSessionUpdate();
     };
-    channel.onmessage = (message) => onEvent(JSON.parse(message.data));
-    channel.onclose = () => { if (app.state === "connected") endCall("ended"); };
-    watchLevel(app.mic, ui.meterIn);
+    channel.onmessage = (message) => { if (this.current()) onMessage(message.data); };
+    channel.onclose = () => { if (this.current() && !this.hangingUp) lose("the connection to the relay was lost"); };
+    this.meters.push(watchLevel(this.mic, ui.meterIn));
+    syncMic();
 
-    await pc.setLocalDescription(await pc.createOffer());
-    await iceGatheringDone(pc, 1000); // not required by the relay (it learns addresses from checks), but faster
-    const response = await fetch("/v1/realtime/calls", {
+    await pc.setLocalDescription(await pc.createOffer()); // no need to wait for ICE: the relay learns from checks
+    this.check();
+    const response = await fetch(`${BASE}/v1/realtime/calls`, {
       method: "POST", body: pc.localDescription.sdp, headers: { "Content-Type": "application/sdp" },
     });
+    if (response.ok) this.callId = (response.headers.get("Location") || "").split("/").pop() || null;
+    if (!this.current()) { this.hangUp(); throw new Cancelled(); } // the user gave up while we waited
     if (!response.ok) {
       const body = await response.json().catch(() => ({}));
       throw new Error((body.error && body.error.message) || `the relay answered ${response.status}`);
     }
-    app.callId = (response.headers.get("Location") || "").split("/").pop();
     await pc.setRemoteDescription({ type: "answer", sdp: await response.text() });
+  }
+
+  onConnectionState() {
+    if (!this.current()) return;
+    const state = this.pc.connectionState;
+    if (state === "disconnected" && app.state === "connected") setState("reconnecting");
+    if (state === "connected" && app.state === "reconnecting") setState("connected");
+    if (state === "failed" || (state === "closed" && !this.hangingUp)) lose("the connection to the relay was lost");
+  }
+
+  async hangUp() {
+    this.hangingUp = true;
+    this.stopLocal(); // the microphone goes off the moment the user hangs up
+    if (this.callId) {
+      // Tell the relay first (briefly), so it ends the call itself rather than noticing the peer leave.
+      const done = fetch(`${BASE}/v1/realtime/calls/${this.callId}/hangup`, { method: "POST" }).catch(() => {});
+      await Promise.race([done, new Promise((resolve) => setTimeout(resolve, HANGUP_WAIT_MS))]);
+    }
+    this.close();
+  }
+
+  stopLocal() {
+    if (this.mic) this.mic.getTracks().forEach((track) => track.stop());
+    for (const stop of this.meters) stop();
+    this.meters = [];
+  }
+
+  close() {
+    this.closed = true;
+    this.stopLocal();
+    if (this.pc) this.pc.close();
+  }
+}
+
+async function loadConfig() {
+  try {
+    const response = await fetch(`${BASE}/relay/client-config`);
+    if (!response.ok) return DEFAULT_CONFIG;
+    return { ...DEFAULT_CONFIG, ...(await response.json()) };
+  } catch {
+    return DEFAULT_CONFIG; // not a relay (e.g. OpenAI itself): defaults, no locks
+  }
+}
+
+async function connect() {
+  if (app.call) return;
+  resumeAudio();
+  const call = (app.call = new Call());
+  setState("connecting");
+  try {
+    await call.start();
   } catch (error) {
-    endCall("error", error.message || String(error));
+    if (error instanceof Cancelled || app.call !== call) return;
+    app.call = null;
+    call.close();
+    resetTurn();
+    setState("error", error.message || String(error));
   }
 }
 
-function iceGatheringDone(pc, timeoutMs) {
-  if (pc.iceGatheringState === "complete") return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = () => { if (pc.iceGatheringState === "complete") resolve(); };
-    pc.addEventListener("icegatheringstatechange", done);
-    setTimeout(resolve, timeoutMs);
-  });
+function disconnect() {
+  const call = app.call;
+  if (!call) return;
+  app.call = null;
+  resetTurn();
+  setState("ended");
+  call.hangUp();
+  ui.audio.srcObject = null;
 }
 
-async function disconnect() {
-  if (app.callId) {
-    fetch(`/v1/realtime/calls/${app.callId}/hangup`, { method: "POST" }).catch(() => {});
-  }
-  endCall("ended");
+function lose(reason) {
+  const call = app.call;
+  app.call = null;
+  resetTurn();
+  if (call) call.close();
+  ui.audio.srcObject = null;
+  setState("error", reason);
 }
 
-function endCall(state, reason) {
-  const pc = app.pc;
-  app.pc = null;
-  if (pc) pc.close();
-  if (app.mic) app.mic.getTracks().forEach((t) => t.stop());
-  app.mic = null;
-  app.channel = null;
-  app.callId = null;
-  setState(state, reason);
-  if (state === "error" && reason) showError(reason);
+function resetTurn() {
+  if (app.hold) endHold(false);
+  app.speechStoppedAt = null;
 }
 
-// --- sending events -----------------------------------------------------------------------------------------------
+// --- sending events ---------------------------------------------------------------------------------------------
 
 function send(event) {
-  if (app.channel && app.channel.readyState === "open") app.channel.send(JSON.stringify(event));
-}
-
-function isPushToTalk() {
-  return ui.turn.value === "push_to_talk";
+  const channel = app.call && app.call.channel;
+  if (channel && channel.readyState === "open") channel.send(JSON.stringify(event));
 }
 
 function turnDetection() {
@@ -159,31 +238,71 @@ function sendSessionUpdate() {
   const session = { type: "realtime", audio: { input: {}, output: {} } };
   if (!locked.has("instructions")) session.instructions = ui.instructions.value;
   if (!locked.has("voice")) session.audio.output.voice = ui.voice.value;
-  if (!locked.has("turn_detection")) session.audio.input.turn_detection = turnDetection();
+  if (!locked.has("turn_detection")) {
+    session.audio.input.turn_detection = turnDetection();
+    app.mode = ui.turn.value;
+  }
   if (!locked.has("transcription")) {
     session.audio.input.transcription = ui.transcription.checked ? { model: "gpt-4o-mini-transcribe" } : null;
   }
   send({ type: "session.update", session });
-  syncMicToMode();
+  syncMic();
 }
 
-function syncMicToMode() {
-  ui.pttBox.hidden = !isPushToTalk();
-  ui.vadFields.disabled = ui.turn.value !== "server_vad" || (app.config.locked || []).includes("turn_detection");
-  const track = app.mic && app.mic.getAudioTracks()[0];
-  if (track) track.enabled = !app.muted && (!isPushToTalk() || app.pttHeld);
+// The session as the server has it (session.created / session.updated): the controls show what is in force.
+function reflectSession(session) {
+  if (!session) return;
+  if (typeof session.instructions === "string") ui.instructions.value = session.instructions;
+  const audio = session.audio || {};
+  const input = audio.input || {};
+  const output = audio.output || {};
+  if (typeof output.voice === "string" && [...ui.voice.options].some((o) => o.value === output.voice)) {
+    ui.voice.value = output.voice;
+  }
+  if ("turn_detection" in input) {
+    const td = input.turn_detection;
+    app.mode = td ? td.type : "push_to_talk";
+    ui.turn.value = app.mode;
+    if (td && td.type === "server_vad") {
+      if (typeof td.threshold === "number") { ui.threshold.value = td.threshold; ui.thresholdValue.textContent = td.threshold; }
+      if (typeof td.prefix_padding_ms === "number") ui.prefix.value = td.prefix_padding_ms;
+      if (typeof td.silence_duration_ms === "number") ui.silence.value = td.silence_duration_ms;
+    }
+  }
+  if ("transcription" in input) {
+    app.transcribing = Boolean(input.transcription);
+    ui.transcription.checked = app.transcribing;
+  }
+  syncMic();
+  applyLocks();
 }
 
 // --- the controls -------------------------------------------------------------------------------------------------
 
+function pushToTalk() {
+  return app.mode === "push_to_talk";
+}
+
+function syncMic() {
+  const live = app.state === "connected" || app.state === "reconnecting";
+  ui.pttBox.hidden = !pushToTalk();
+  ui.ptt.disabled = !live || app.muted;
+  ui.ptt.setAttribute("aria-pressed", String(Boolean(app.hold)));
+  ui.ptt.classList.toggle("held", Boolean(app.hold));
+  const mic = app.call && app.call.mic;
+  const track = mic && mic.getAudioTracks()[0];
+  if (track) track.enabled = !app.muted && (!pushToTalk() || Boolean(app.hold));
+}
+
 function toggleMute() {
   app.muted = !app.muted;
   ui.mute.setAttribute("aria-pressed", String(app.muted));
-  ui.mute.textContent = app.muted ? "Unmute" : "Mute";
-  syncMicToMode();
+  if (app.muted && app.hold) endHold(false);
+  syncMic();
 }
 
 function replyNow() {
+  app.speechStoppedAt = performance.now();
   send({ type: "input_audio_buffer.commit" });
   send({ type: "response.create" });
 }
@@ -193,27 +312,30 @@ function interrupt() {
   send({ type: "output_audio_buffer.clear" });
 }
 
-function pttDown() {
-  if (app.pttHeld || ui.ptt.disabled || !isPushToTalk()) return;
-  app.pttHeld = true;
-  ui.ptt.classList.add("held");
+function startHold(source) {
+  if (app.hold || ui.ptt.disabled || !pushToTalk()) return;
+  app.hold = source;
   interrupt(); // talking over the model stops it, as a voice would
   send({ type: "input_audio_buffer.clear" }); // only what is said while held counts
-  syncMicToMode();
+  syncMic();
 }
 
-function pttUp() {
-  if (!app.pttHeld) return;
-  app.pttHeld = false;
-  ui.ptt.classList.remove("held");
-  syncMicToMode();
-  app.speechStoppedAt = performance.now();
-  replyNow();
+// Release: `send` true asks for the reply; false drops the turn (the page lost focus mid-hold, or muted).
+function endHold(sendTurn = true) {
+  if (!app.hold) return;
+  app.hold = null;
+  syncMic();
+  if (sendTurn) replyNow();
+  else send({ type: "input_audio_buffer.clear" });
+}
+
+function pttTarget(target) {
+  return target === document.body || target === ui.ptt;
 }
 
 function applyLocks() {
   const locked = new Set(app.config.locked || []);
-  const controls = { instructions: [ui.instructions], voice: [ui.voice], turn_detection: [ui.turn, ui.vadFields],
+  const controls = { instructions: [ui.instructions], voice: [ui.voice], turn_detection: [ui.turn],
                      transcription: [ui.transcription] };
   for (const [field, elements] of Object.entries(controls)) {
     for (const element of elements) element.disabled = locked.has(field);
@@ -221,12 +343,18 @@ function applyLocks() {
     note.hidden = !locked.has(field);
     note.textContent = locked.has(field) ? "Set by the operator of this relay: it cannot be changed here." : "";
   }
-  if (!locked.has("turn_detection")) ui.vadFields.disabled = ui.turn.value !== "server_vad";
+  ui.vadFields.disabled = locked.has("turn_detection") || ui.turn.value !== "server_vad";
 }
 
 // --- events from the relay ----------------------------------------------------------------------------------------
 
-function onEvent(event) {
+function onMessage(text) {
+  let event;
+  try {
+    event = JSON.parse(text);
+  } catch {
+    return;
+  }
   app.events.push(event);
   if (app.events.length > 2000) app.events.shift();
   const handler = HANDLERS[event.type];
@@ -234,35 +362,45 @@ function onEvent(event) {
 }
 
 const HANDLERS = {
+  "session.created": (e) => reflectSession(e.session),
+  "session.updated": (e) => reflectSession(e.session),
   "input_audio_buffer.speech_stopped": () => { app.speechStoppedAt = performance.now(); },
   "conversation.item.added": (e) => {
     const item = e.item || {};
-    if (item.type === "message" && (item.role === "user" || item.role === "assistant")) entry(item.id, item.role);
+    if (item.type !== "message" || (item.role !== "user" && item.role !== "assistant")) return;
+    const entry = transcriptEntry(item.id, item.role);
+    const text = (item.content || []).map((part) => part.text || part.transcript || "").join("");
+    if (text) setText(entry, text);
   },
-  "conversation.item.input_audio_transcription.completed": (e) => setText(entry(e.item_id, "user"), e.transcript),
-  "response.output_audio_transcript.delta": (e) => addText(entry(e.item_id, "assistant"), e.delta),
-  "response.output_text.delta": (e) => addText(entry(e.item_id, "assistant"), e.delta),
+  "conversation.item.done": (e) => {
+    const item = e.item || {};
+    const audio = (item.content || []).find((part) => part.type === "input_audio");
+    if (item.role === "user" && audio && !app.transcribing) setText(transcriptEntry(item.id, "user"), "(speech, not transcribed)");
+  },
+  "conversation.item.input_audio_transcription.delta": (e) => {
+    const entry = transcriptEntry(e.item_id, "user");
+    if (entry.pending) { entry.pending = false; setText(entry, ""); }
+    addText(entry, e.delta || "");
+  },
+  "conversation.item.input_audio_transcription.completed": (e) => setText(transcriptEntry(e.item_id, "user"), e.transcript),
+  "conversation.item.input_audio_transcription.failed": (e) => {
+    setText(transcriptEntry(e.item_id, "user"), `(transcription failed${e.error && e.error.message ? `: ${e.error.message}` : ""})`);
+  },
+  "response.output_audio_transcript.delta": (e) => addAssistantText(e.item_id, e.delta),
+  "response.output_text.delta": (e) => addAssistantText(e.item_id, e.delta),
   "output_audio_buffer.started": () => {
     if (app.speechStoppedAt === null) return;
     recordLatency(performance.now() - app.speechStoppedAt);
     app.speechStoppedAt = null;
   },
-  "conversation.item.truncated": (e) => {
-    app.truncated.set(e.item_id, e.audio_end_ms);
-    send({ type: "conversation.item.retrieve", item_id: e.item_id }); // what is left of it, as the model knows it
-  },
-  "conversation.item.retrieved": (e) => {
-    const item = e.item || {};
-    if (!app.truncated.has(item.id)) return;
-    const part = (item.content || [])[0] || {};
-    showCut(item.id, part.transcript || "", app.truncated.get(item.id));
-  },
+  "relay.item.truncated": (e) => app.heard.set(e.item_id, e),
+  "conversation.item.truncated": (e) => showCut(e.item_id, e.audio_end_ms),
+  "conversation.item.deleted": (e) => showCut(e.item_id, 0),
   "response.done": (e) => addUsage((e.response || {}).usage),
   "error": (e) => {
     const error = e.error || {};
-    if (error.code === "upstream_closed") endCall("error", error.message);
-    else if (error.code !== "response_cancel_not_active") note(`${error.code || "error"}: ${error.message || ""}`);
-    // (Interrupt always sends response.cancel; when the reply was already fully generated that is harmless.)
+    if (error.code === "upstream_closed") lose(error.message || "the model service closed the call");
+    else if (!QUIET_ERRORS.has(error.code)) note(`${error.code || "error"}: ${error.message || ""}`);
   },
   "relay.upstream.reconnecting": () => setState("reconnecting"),
   "relay.upstream.reconnected": () => setState("connected"),
@@ -270,12 +408,11 @@ const HANDLERS = {
 
 // --- the transcript -----------------------------------------------------------------------------------------------
 
-function entry(itemId, role) {
-  let element = app.entries.get(itemId);
-  if (!element) {
-    element = document.createElement("li");
+function transcriptEntry(itemId, role) {
+  let entry = app.entries.get(itemId);
+  if (!entry) {
+    const element = document.createElement("li");
     element.className = role;
-    element.dataset.itemId = itemId;
     const who = document.createElement("span");
     who.className = "who";
     who.textContent = role === "user" ? "You" : "Model";
@@ -283,45 +420,80 @@ function entry(itemId, role) {
     text.className = "text";
     text.textContent = role === "user" ? "…" : "";
     element.append(who, text);
-    ui.transcript.append(element);
-    app.entries.set(itemId, element);
+    entry = { element, text, pending: role === "user", cut: false };
+    app.entries.set(itemId, entry);
+    append(element);
   }
-  element.scrollIntoView({ block: "nearest" });
-  return element;
+  return entry;
 }
 
-function setText(element, text) {
-  element.querySelector(".text").textContent = text;
+function setText(entry, text) {
+  entry.pending = false;
+  entry.text.textContent = text;
 }
 
-function addText(element, delta) {
-  element.querySelector(".text").textContent += delta;
+function addText(entry, delta) {
+  const atBottom = isAtBottom();
+  entry.text.append(delta);
+  if (atBottom) scrollToBottom();
 }
 
-function showCut(itemId, heard, audioEndMs) {
-  // Show what the user heard and strike what the barge-in cut. The model keeps a transcript only of what was heard
-  // (or none: then all of it is struck).
-  const element = app.entries.get(itemId);
-  if (!element) return;
-  const text = element.querySelector(".text");
-  const full = text.textContent;
-  text.textContent = "";
-  const kept = full.startsWith(heard) ? heard : "";
+function addAssistantText(itemId, delta) {
+  const entry = transcriptEntry(itemId, "assistant");
+  if (!entry.cut) addText(entry, delta || ""); // after a cut, the struck text stays as it was
+}
+
+// A reply cut by a barge-in: strike what the user never heard. The relay says what share of the audio it had was
+// heard (relay.item.truncated); the transcript received so far is cut at that share, at a word boundary.
+// Without that (another server), the whole reply is marked as interrupted.
+function showCut(itemId, audioEndMs) {
+  const entry = app.entries.get(itemId);
+  if (!entry || entry.cut) return;
+  entry.cut = true;
+  const full = entry.text.textContent;
+  const heard = app.heard.get(itemId);
+  let keep = 0;
+  if (audioEndMs > 0 && heard && heard.audio_received_ms > 0) {
+    const share = Math.min(1, heard.audio_end_ms / heard.audio_received_ms);
+    const words = full.split(/(\s+)/);
+    let length = 0;
+    for (const piece of words) {
+      if (length + piece.length > full.length * share) break;
+      length += piece.length;
+    }
+    keep = length;
+  }
   const cut = document.createElement("span");
   cut.className = "cut";
-  cut.textContent = full.slice(kept.length);
-  text.append(kept, cut);
-  const note = document.createElement("span");
-  note.className = "note";
-  note.textContent = `interrupted after ${(audioEndMs / 1000).toFixed(2)} s` + (kept || !heard ? "" : `; heard: “${heard}”`);
-  element.append(note);
+  cut.textContent = full.slice(keep);
+  entry.text.replaceChildren(full.slice(0, keep), cut);
+  const mark = document.createElement("span");
+  mark.className = "note";
+  mark.textContent = audioEndMs > 0 ? `interrupted after ${(audioEndMs / 1000).toFixed(2)} s` : "interrupted before it was heard";
+  entry.element.append(mark);
+  app.heard.delete(itemId);
 }
 
 function note(message) {
   const element = document.createElement("li");
   element.className = "system";
   element.textContent = message;
+  append(element);
+}
+
+function append(element) {
+  const atBottom = isAtBottom();
   ui.transcript.append(element);
+  if (atBottom) scrollToBottom();
+}
+
+function isAtBottom() {
+  const list = ui.transcript;
+  return list.scrollHeight - list.scrollTop - list.clientHeight < 24;
+}
+
+function scrollToBottom() {
+  ui.transcript.scrollTop = ui.transcript.scrollHeight; // the list only: the page stays where the user put it
 }
 
 // --- latency, usage, meters ---------------------------------------------------------------------------------------
@@ -373,28 +545,39 @@ function addUsage(usage) {
   ui.usageCost.textContent = `$${app.usage.cost.toFixed(4)}`;
 }
 
-function watchLevel(stream, meter) {
+function resumeAudio() {
+  // Created (or resumed) inside the click that connects: browsers only allow audio to start from a user gesture.
   try {
     app.audioContext = app.audioContext || new AudioContext();
-    const analyser = app.audioContext.createAnalyser();
-    analyser.fftSize = 512;
-    app.audioContext.createMediaStreamSource(stream).connect(analyser);
-    app.meters.push({ analyser, meter, samples: new Float32Array(analyser.fftSize) });
-    if (app.meters.length === 1) requestAnimationFrame(updateMeters);
-  } catch (error) {
-    note(`level meter unavailable: ${error.message}`);
+    app.audioContext.resume();
+  } catch {
+    app.audioContext = null;
   }
 }
 
-function updateMeters() {
-  for (const { analyser, meter, samples } of app.meters) {
+// Drive `meter` from `stream`'s level; returns a function that stops it and resets the meter.
+function watchLevel(stream, meter) {
+  if (!app.audioContext) return () => {};
+  const source = app.audioContext.createMediaStreamSource(stream);
+  const analyser = app.audioContext.createAnalyser();
+  analyser.fftSize = 512;
+  source.connect(analyser);
+  const samples = new Float32Array(analyser.fftSize);
+  let frame = 0;
+  const update = () => {
     analyser.getFloatTimeDomainData(samples);
     let sum = 0;
     for (const s of samples) sum += s * s;
     const rms = Math.sqrt(sum / samples.length);
     meter.value = Math.min(1, Math.max(0, (20 * Math.log10(rms + 1e-9) + 60) / 60)); // -60..0 dBFS
-  }
-  requestAnimationFrame(updateMeters);
+    frame = requestAnimationFrame(update);
+  };
+  frame = requestAnimationFrame(update);
+  return () => {
+    cancelAnimationFrame(frame);
+    source.disconnect();
+    meter.value = 0;
+  };
 }
 
 // --- wiring -------------------------------------------------------------------------------------------------------
@@ -402,29 +585,44 @@ function updateMeters() {
 ui.connect.addEventListener("click", connect);
 ui.disconnect.addEventListener("click", disconnect);
 ui.mute.addEventListener("click", toggleMute);
-ui.reply.addEventListener("click", () => { app.speechStoppedAt = performance.now(); replyNow(); });
+ui.reply.addEventListener("click", replyNow);
 ui.interrupt.addEventListener("click", interrupt);
-ui.ptt.addEventListener("pointerdown", pttDown);
-ui.ptt.addEventListener("pointerup", pttUp);
-ui.ptt.addEventListener("pointerleave", pttUp);
-ui.ptt.addEventListener("keydown", (e) => { if (e.key === "Enter") pttDown(); });
-ui.ptt.addEventListener("keyup", (e) => { if (e.key === "Enter") pttUp(); });
+
+// Push to talk: hold with a pointer (the one that started it ends it), or with the space bar; a keyboard or
+// screen-reader click (no pointer) toggles instead, for those who cannot hold.
+ui.ptt.addEventListener("pointerdown", (e) => {
+  if (e.button !== 0) return;
+  ui.ptt.setPointerCapture(e.pointerId);
+  startHold({ source: "pointer", id: e.pointerId });
+});
+for (const type of ["pointerup", "pointercancel"]) {
+  ui.ptt.addEventListener(type, (e) => {
+    if (app.hold && app.hold.source === "pointer" && app.hold.id === e.pointerId) endHold(type === "pointerup");
+  });
+}
+ui.ptt.addEventListener("click", (e) => {
+  if (e.detail !== 0) return; // a pointer click: the hold already happened
+  if (app.hold) endHold(true);
+  else startHold({ source: "toggle" });
+});
+ui.ptt.addEventListener("contextmenu", (e) => e.preventDefault());
 document.addEventListener("keydown", (e) => {
-  if (e.code === "Space" && !e.repeat && isPushToTalk() && !isTyping(e.target)) { e.preventDefault(); pttDown(); }
+  if (e.code !== "Space" || !pushToTalk() || ui.ptt.disabled) return;
+  if (!pttTarget(e.target) && !(app.hold && app.hold.source === "key")) return;
+  e.preventDefault(); // also on key repeat: the page must not scroll
+  if (!e.repeat) startHold({ source: "key" });
 });
 document.addEventListener("keyup", (e) => {
-  if (e.code === "Space" && isPushToTalk() && !isTyping(e.target)) { e.preventDefault(); pttUp(); }
+  if (e.code !== "Space" || !app.hold || app.hold.source !== "key") return;
+  e.preventDefault();
+  endHold(true); // wherever the focus went meanwhile
 });
+window.addEventListener("blur", () => endHold(false));
+document.addEventListener("visibilitychange", () => { if (document.hidden) endHold(false); });
+
 ui.settings.addEventListener("submit", (e) => { e.preventDefault(); sendSessionUpdate(); });
-ui.turn.addEventListener("change", () => { syncMicToMode(); applyLocks(); });
+ui.turn.addEventListener("change", applyLocks);
 ui.threshold.addEventListener("input", () => { ui.thresholdValue.textContent = ui.threshold.value; });
 
-function isTyping(target) {
-  return target instanceof HTMLTextAreaElement || (target instanceof HTMLInputElement && target.type !== "checkbox")
-      || target instanceof HTMLSelectElement;
-}
-
-fetch("/relay/client-config").then((r) => r.json()).then((config) => { app.config = config; applyLocks(); })
-  .catch(() => {});
+loadConfig().then((config) => { if (!app.call) { app.config = config; applyLocks(); } });
 setState("idle");
-syncMicToMode();

@@ -188,9 +188,67 @@ async def test_a_refused_call_shows_the_relays_reason(page, stack):
         status=502, content_type="application/json", body=json.dumps(reason)))
     await page.page.goto(stack.relay_url + "/")
     await page.page.click("#connect")
-    state = page.page.locator('#state[data-state="error"]')
-    await state.wait_for(timeout=20_000)
-    assert "The model service cannot be reached." in await state.inner_text()
+    await page.page.locator('#state[data-state="error"]').wait_for(timeout=20_000)
+    assert await page.page.inner_text("#error") == "The model service cannot be reached."
+    assert await page.page.evaluate("document.activeElement.id") == "connect"  # focus is not lost
     assert await page.page.is_enabled("#connect") and await page.page.is_disabled("#disconnect")
     # The failed request itself is the only console error (Chromium logs every non-2xx fetch).
     assert all("502" in error for error in page.console_errors)
+
+
+
+async def test_disconnect_while_connecting_stays_disconnected(page, stack):
+    p = page.page
+
+    async def slow_config(route):
+        await asyncio.sleep(1.5)
+        try:
+            await route.continue_()
+        except Exception:  # the page may have moved on; that is the point of the test
+            pass
+
+    await p.route("**/relay/client-config", slow_config)
+    await p.goto(stack.relay_url + "/")
+    sessions_before = len(stack.sim_sessions())
+    await p.click("#connect")
+    await asyncio.sleep(0.2)
+    await p.click("#disconnect")
+    await asyncio.sleep(4.0)
+    assert await p.get_attribute("#state", "data-state") == "ended"
+    assert await p.evaluate("window.relayApp.call === null")
+    assert len(stack.sim_sessions()) == sessions_before  # no call was made behind the user's back
+    # Connecting again works, and ends cleanly: no microphone left open, no upstream session left behind.
+    await p.unroute("**/relay/client-config")
+    for _ in range(2):
+        await p.click("#connect")
+        await p.wait_for_selector('#state[data-state="connected"]', timeout=20_000)
+        mic = await p.evaluate_handle("window.relayApp.call.mic")
+        await p.click("#disconnect")
+        assert await p.evaluate("(mic) => mic.getTracks().every((t) => t.readyState === 'ended')", mic)
+    await asyncio.sleep(1.5)
+    ours = stack.sim_sessions()[sessions_before:]
+    assert len(ours) == 2 and all(s["ended_at"] is not None for s in ours)  # hangup ended them upstream too
+    assert await p.evaluate("[...document.querySelectorAll('meter')].every((m) => m.value === 0)")
+    assert page.console_errors == []
+
+
+async def test_holding_space_neither_scrolls_nor_is_ended_by_the_mouse(page, stack):
+    await page.open_and_connect()
+    p = page.page
+    await p.select_option("#turn", "push_to_talk")
+    await p.click("#apply")
+    await p.wait_for_function("window.relayApp.mode === 'push_to_talk'")
+    await p.set_viewport_size({"width": 390, "height": 600})
+    await p.evaluate("document.activeElement.blur()")
+    scroll = await p.evaluate("window.scrollY")
+    await p.keyboard.down("Space")
+    for _ in range(5):
+        await p.keyboard.down("Space")  # auto-repeat
+    await p.mouse.move(5, 5)
+    await p.hover("#ptt")
+    await p.mouse.move(5, 5)  # the pointer crossing the button does not end a keyboard hold
+    assert await p.evaluate("window.relayApp.hold && window.relayApp.hold.source") == "key"
+    assert await p.evaluate("window.scrollY") == scroll
+    await p.keyboard.up("Space")
+    assert await p.evaluate("window.relayApp.hold") is None
+    assert page.console_errors == []

@@ -73,7 +73,9 @@ def test_barge_in_flushes_cancels_and_truncates_to_what_was_heard():
     core.on_audio("resp_1", "item_1", frames(50), source_ms=1000)
     play(core, 12)
     actions = core.on_server_event({"type": "input_audio_buffer.speech_started", "event_id": "e", "audio_start_ms": 0, "item_id": "item_u"})
-    assert client_types(actions) == ["input_audio_buffer.speech_started", "output_audio_buffer.cleared"]
+    assert client_types(actions) == ["input_audio_buffer.speech_started", "relay.item.truncated", "output_audio_buffer.cleared"]
+    heard = next(a.event for a in actions if isinstance(a, ToClient) and a.event["type"] == "relay.item.truncated")
+    assert (heard["item_id"], heard["audio_end_ms"], heard["audio_received_ms"]) == ("item_1", 240, 1000)
     cancel, truncate = upstream(actions)
     assert cancel["type"] == "response.cancel"
     assert truncate == {"type": "conversation.item.truncate", "event_id": truncate["event_id"], "item_id": "item_1", "content_index": 0, "audio_end_ms": 240}
@@ -206,7 +208,7 @@ def test_client_clear_flushes_like_a_barge_in():
     core.on_audio("resp_1", "item_1", frames(10), source_ms=200)
     play(core, 3)
     actions, forwarded = core.on_client_event(json.dumps({"type": "output_audio_buffer.clear"}))
-    assert client_types(actions) == ["output_audio_buffer.cleared"] and forwarded is None
+    assert client_types(actions) == ["relay.item.truncated", "output_audio_buffer.cleared"] and forwarded is None
     assert [e["type"] for e in upstream(actions)] == ["response.cancel", "conversation.item.truncate"]
 
 
