@@ -68,7 +68,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     _setup_logging(settings.log_level)
     from relay.server.app import ListenError, serve
+    from relay.server.workers import run_master
 
+    if settings.workers > 1 and "RELAY_WORKER_INDEX" not in os.environ:
+        return run_master(settings)
     try:
         _run(serve(settings))
     except ListenError as exc:

@@ -15,6 +15,7 @@ from relay.config import Settings
 from relay.simulator.config import SimConfig
 from relay.simulator.server import RunningSimulator, start_simulator
 from relay.server.calls import add_call_routes
+from relay.server.workers import Worker
 from relay.upstream.target import UpstreamTarget, choose_upstream
 from relay.webrtc.aiortc_internals import restrict_host_addresses, speed_up_audio_sender
 
@@ -45,7 +46,7 @@ def client_config(settings: Settings):
     return handler
 
 
-def create_app(settings: Settings, upstream: UpstreamTarget) -> web.Application:
+def create_app(settings: Settings, upstream: UpstreamTarget, worker: Worker = Worker()) -> web.Application:
     """The relay's routes. Applies the process-wide aiortc adjustments: the ICE address restriction (aioice has
     no per-call option) and the faster audio sender."""
     restrict_host_addresses(settings.ice_addresses)
@@ -55,7 +56,7 @@ def create_app(settings: Settings, upstream: UpstreamTarget) -> web.Application:
     app.router.add_get("/", index)
     app.router.add_get("/relay/client-config", client_config(settings))
     app.router.add_static("/static/", STATIC)
-    add_call_routes(app, settings, upstream)
+    add_call_routes(app, settings, upstream, worker)
     return app
 
 
@@ -75,17 +76,23 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             # same code path as any other upstream.
             simulator = await start_simulator(SimConfig(default_model=settings.model), "127.0.0.1", 0)
             upstream = UpstreamTarget("simulator", f"{simulator.url}?{urlencode({'model': settings.model})}")
-        log.info(upstream.describe())
-        runner = web.AppRunner(create_app(settings, upstream), access_log=None, handle_signals=False)
+        worker = Worker.from_env()
+        if worker.index == 0:
+            log.info(upstream.describe())
+        runner = web.AppRunner(create_app(settings, upstream, worker), access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=worker.count > 1 or None)
         try:
             await site.start()
         except OSError as exc:
             raise ListenError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
-        for address in runner.addresses:
-            host, port = address[0], address[1]
-            log.info("relay listening on http://%s:%d/", f"[{host}]" if ":" in host else host, port)
+        if worker.count > 1:
+            # Ready: the master announces the address once every worker's socket is there.
+            await web.UnixSite(runner, str(worker.socket_path(worker.index))).start()
+        else:
+            for address in runner.addresses:
+                host, port = address[0], address[1]
+                log.info("relay listening on http://%s:%d/", f"[{host}]" if ":" in host else host, port)
         await stop.wait()
         log.info("relay stopping")
     finally:

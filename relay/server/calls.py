@@ -27,6 +27,7 @@ from relay.config import Settings
 from relay.core.call import Action, CallCore, ToClient, error_event
 from relay.protocol import new_id
 from relay.upstream.client import UpstreamError, open_upstream
+from relay.server.workers import Worker, routing_middleware
 from relay.upstream.target import UpstreamTarget
 from relay.webrtc.aiortc_internals import install_packet_tap
 from relay.webrtc.inbound import InboundAudio
@@ -54,8 +55,9 @@ def error_response(status: int, code: str, message: str, error_type: str = "inva
 
 
 class Call:
-    def __init__(self, settings: Settings, target: UpstreamTarget, on_closed: Callable[["Call"], None]) -> None:
-        self.id = new_id("rtc")
+    def __init__(self, settings: Settings, target: UpstreamTarget, on_closed: Callable[["Call"], None],
+                 call_id: str | None = None) -> None:
+        self.id = call_id or new_id("rtc")
         self.settings = settings
         self.target = target
         self._on_closed = on_closed
@@ -336,6 +338,7 @@ CALLS: web.AppKey[dict[str, Call]] = web.AppKey("calls")
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 TARGET: web.AppKey[UpstreamTarget] = web.AppKey("upstream")
 SHUTTING_DOWN: web.AppKey[asyncio.Event] = web.AppKey("shutting_down")
+WORKER: web.AppKey[Worker] = web.AppKey("worker")
 
 
 async def _read_limited(stream: Any, limit: int) -> bytes:
@@ -411,7 +414,8 @@ async def create_call(request: web.Request) -> web.Response:
         offer, session = await read_offer(request, settings.max_sdp_bytes)
     except SignalingError as exc:
         return error_response(exc.status, exc.code, exc.message)
-    call = Call(settings, request.app[TARGET], on_closed=lambda c: calls.pop(c.id, None))
+    call_id = request.app[WORKER].call_id(new_id("rtc"))  # says which worker owns it
+    call = Call(settings, request.app[TARGET], on_closed=lambda c: calls.pop(c.id, None), call_id=call_id)
     try:
         answer = await call.start(offer, session)
     except SignalingError as exc:
@@ -467,9 +471,11 @@ async def close_all_calls(app: web.Application) -> None:
     await asyncio.gather(*(call.close("server shutdown") for call in list(app[CALLS].values())))
 
 
-def add_call_routes(app: web.Application, settings: Settings, target: UpstreamTarget) -> None:
+def add_call_routes(app: web.Application, settings: Settings, target: UpstreamTarget, worker: Worker) -> None:
     app[SETTINGS] = settings
     app[TARGET] = target
+    app[WORKER] = worker
+    app.middlewares.append(routing_middleware(worker, CALLS))
     app[CALLS] = {}
     app[SHUTTING_DOWN] = asyncio.Event()
     app.router.add_post("/v1/realtime/calls", create_call)

@@ -1,0 +1,189 @@
+"""`relay serve --workers N`: N processes behind one port, because one Python process drives one core.
+
+The master binds the port first (so `--port 0` resolves to a real port), starts N workers that listen on it with
+SO_REUSEPORT (the kernel spreads new connections over them), waits until all are ready, and supervises them:
+SIGTERM/SIGINT go to every worker; a worker that dies is restarted (its calls are lost with it).
+
+A call lives in the worker that answered its offer. Its id says which (`rtc_` + the worker's index in base 62 +
+random), and each worker also listens on a Unix socket of its own: a later request about a call (hangup, delete)
+that the kernel hands to another worker is forwarded there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import ClientSession, UnixConnector, web
+
+from relay.config import Settings
+
+log = logging.getLogger("relay")
+
+DIGITS = string.digits + string.ascii_letters  # base 62, as in the ids
+FORWARDED = "X-Relay-Forwarded"
+MAX_RESTARTS_PER_MINUTE = 5
+_HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
+
+
+@dataclass(frozen=True)
+class Worker:
+    """Who this process is among the workers (a single process is worker 0 of 1)."""
+
+    index: int = 0
+    count: int = 1
+    sockets: Path | None = None  # the directory of the workers' Unix sockets
+
+    def socket_path(self, index: int) -> Path:
+        assert self.sockets is not None
+        return self.sockets / f"worker-{index}.sock"
+
+    def call_id(self, random_id: str) -> str:
+        """`rtc_` + this worker's digit + the rest of a random id."""
+        prefix, rest = random_id.split("_", 1)
+        return f"{prefix}_{DIGITS[self.index]}{rest[1:]}"
+
+    @staticmethod
+    def owner(call_id: str) -> int | None:
+        prefix, _, rest = call_id.partition("_")
+        return DIGITS.index(rest[0]) if prefix == "rtc" and rest and rest[0] in DIGITS else None
+
+    @classmethod
+    def from_env(cls) -> "Worker":
+        if "RELAY_WORKER_INDEX" not in os.environ:
+            return cls()
+        return cls(int(os.environ["RELAY_WORKER_INDEX"]), int(os.environ["RELAY_WORKER_COUNT"]),
+                   Path(os.environ["RELAY_WORKER_SOCKETS"]))
+
+
+def routing_middleware(worker: Worker, calls_key: web.AppKey):
+    """Forward a request about a call owned by another worker to that worker."""
+
+    @web.middleware
+    async def route(request: web.Request, handler):
+        call_id = request.match_info.get("call_id")
+        if call_id and worker.count > 1 and call_id not in request.app[calls_key] and FORWARDED not in request.headers:
+            owner = Worker.owner(call_id)
+            if owner is not None and owner != worker.index and owner < worker.count:
+                return await _forward(request, worker.socket_path(owner))
+        return await handler(request)
+
+    return route
+
+
+async def _forward(request: web.Request, path: Path) -> web.Response:
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS} | {FORWARDED: "1"}
+    body = await request.read()
+    try:
+        async with ClientSession(connector=UnixConnector(path=str(path))) as session:
+            async with session.request(request.method, f"http://worker{request.path_qs}", headers=headers,
+                                       data=body) as response:
+                payload = await response.read()
+                kept = {k: v for k, v in response.headers.items() if k.lower() not in _HOP_HEADERS}
+                return web.Response(status=response.status, body=payload, headers=kept)
+    except OSError:
+        body = {"error": {"message": "The worker that owns this call is not available.", "type": "server_error",
+                          "code": "worker_unavailable", "param": None}}
+        return web.json_response(body, status=503)
+
+
+# --- the master ------------------------------------------------------------------------------------------------
+
+
+def _resolve_port(host: str, port: int) -> tuple[socket.socket, int]:
+    """Bind host:port with SO_REUSEPORT (not listening: it takes no connections) to learn the port number."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    probe.bind((host, port))
+    return probe, probe.getsockname()[1]
+
+
+def _child_env(settings: Settings, port: int, index: int, count: int, sockets: Path) -> dict[str, str]:
+    """The worker's settings, as the environment it reads them from (secrets are inherited as they are)."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump(mode="json").items():
+        if name in ("openai_api_key", "upstream_api_key") or value is None:
+            continue
+        env[Settings.env_name(name)] = value if isinstance(value, str) else json.dumps(value)
+    env["RELAY_ICE_ADDRESSES"] = ",".join(settings.ice_addresses)
+    env |= {"RELAY_PORT": str(port), "RELAY_WORKERS": "1", "RELAY_WORKER_INDEX": str(index),
+            "RELAY_WORKER_COUNT": str(count), "RELAY_WORKER_SOCKETS": str(sockets)}
+    return env
+
+
+def run_master(settings: Settings) -> int:
+    """Start and supervise the workers until SIGTERM/SIGINT; returns the exit code."""
+    try:
+        probe, port = _resolve_port(settings.host, settings.port)
+    except OSError as exc:
+        print(f"relay: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    sockets = Path(tempfile.mkdtemp(prefix="relay-workers-"))
+    count = settings.workers
+    stopping = False
+
+    def spawn(index: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "relay", "serve"],
+                                env=_child_env(settings, port, index, count, sockets))
+
+    def stop(signum, frame) -> None:
+        nonlocal stopping
+        if stopping:  # a second signal: stop now
+            for child in children:
+                child.kill()
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    children = [spawn(i) for i in range(count)]
+    restarts: list[float] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not stopping and not all((sockets / f"worker-{i}.sock").exists() for i in range(count)):
+            if time.monotonic() > deadline or any(c.poll() is not None for c in children):
+                log.error("relay workers failed to start")
+                stop(None, None)
+                return 1
+            time.sleep(0.05)
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        log.info("relay listening on http://%s:%d/ (%d workers)", host, port, count)
+        while not stopping:
+            for index, child in enumerate(children):
+                if child.poll() is not None and not stopping:
+                    restarts = [t for t in restarts if time.monotonic() - t < 60] + [time.monotonic()]
+                    if len(restarts) > MAX_RESTARTS_PER_MINUTE:
+                        log.error("relay workers keep dying; stopping")
+                        stop(None, None)
+                        return 1
+                    log.warning("relay worker %d exited (%s); restarting it", index, child.returncode)
+                    (sockets / f"worker-{index}.sock").unlink(missing_ok=True)
+                    children[index] = spawn(index)
+            time.sleep(0.2)
+        for child in children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        return 0
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+        probe.close()
+        shutil.rmtree(sockets, ignore_errors=True)

@@ -1,0 +1,104 @@
+"""`relay serve --workers N`: calls live in one worker; requests about them reach it from any worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from relay.config import Settings
+from relay.protocol import new_id
+from relay.server.app import create_app
+from relay.server.calls import CALLS
+from relay.server.workers import Worker
+from relay.upstream.target import choose_upstream
+from tests.webrtc_client import call_relay
+
+
+def test_a_call_id_names_its_worker():
+    for index in (0, 1, 9, 10, 61):
+        call_id = Worker(index, 62).call_id(new_id("rtc"))
+        assert re.fullmatch(r"rtc_[A-Za-z0-9]{22}", call_id) and Worker.owner(call_id) == index
+    assert Worker.owner("sess_abc") is None and Worker.owner("rtc_") is None
+
+
+@pytest.fixture
+async def two_workers(simulator, tmp_path):
+    """Two worker apps in this process, each on its own port and Unix socket, as the master would run them."""
+    settings = Settings.load(env={}, upstream_url=simulator.url, ice_addresses="127.0.0.1", workers="2")
+    runners, urls, apps = [], [], []
+    for index in range(2):
+        worker = Worker(index, 2, tmp_path)
+        app = create_app(settings, choose_upstream(settings), worker)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        await web.UnixSite(runner, str(worker.socket_path(index))).start()
+        runners.append(runner)
+        apps.append(app)
+        urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
+    yield apps, urls
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def test_hangup_and_delete_reach_the_owning_worker(two_workers):
+    apps, urls = two_workers
+    async with aiohttp.ClientSession() as http:
+        for method in ("post", "delete"):
+            call = await call_relay(urls[1])  # answered by worker 1
+            assert Worker.owner(call.call_id) == 1 and call.call_id in apps[1][CALLS]
+            path = call.location + ("/hangup" if method == "post" else "")
+            async with http.request(method, urls[0] + path) as response:  # asked of worker 0
+                assert response.status == (200 if method == "post" else 204)
+            assert call.call_id not in apps[1][CALLS]
+            await call.close()
+        unknown = Worker(1, 2).call_id(new_id("rtc"))
+        async with http.post(f"{urls[0]}/v1/realtime/calls/{unknown}/hangup") as response:
+            assert response.status == 404 and (await response.json())["error"]["code"] == "call_not_found"
+
+
+async def test_a_call_of_a_missing_worker_is_a_503(two_workers, tmp_path):
+    apps, urls = two_workers
+    (tmp_path / "worker-1.sock").unlink()
+    orphan = Worker(1, 2).call_id(new_id("rtc"))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{urls[0]}/v1/realtime/calls/{orphan}/hangup") as response:
+            assert response.status == 503 and (await response.json())["error"]["code"] == "worker_unavailable"
+
+
+async def test_relay_serve_with_two_workers(simulator):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_") and k != "OPENAI_API_KEY"}
+    env |= {"RELAY_UPSTREAM_URL": simulator.url, "RELAY_ICE_ADDRESSES": "127.0.0.1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "serve", "--port", "0", "--workers", "2", env=env, stderr=subprocess.PIPE)
+    try:
+        base = None
+        async with asyncio.timeout(30):
+            while base is None:
+                line = (await process.stderr.readline()).decode()
+                assert line, "relay serve exited early"
+                if found := re.search(r"relay listening on (http://127\.0\.0\.1:\d+)/ \(2 workers\)", line):
+                    base = found.group(1)
+        owners = set()
+        async with aiohttp.ClientSession() as http:
+            for _ in range(8):
+                call = await call_relay(base)
+                owners.add(Worker.owner(call.call_id))
+                async with http.post(f"{base}{call.location}/hangup", headers={"Connection": "close"}) as response:
+                    assert response.status == 200  # whichever worker the kernel picked for this request
+                await call.close()
+        assert owners <= {0, 1}
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
