@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--client-processes", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)  # the relay is pinned to one core
     parser.add_argument("--client", help=argparse.SUPPRESS)  # internal: run as a client process for this URL
     args = parser.parse_args()
     if args.client:
@@ -102,7 +103,7 @@ def main() -> None:
         relay_env = env | {"RELAY_UPSTREAM_URL": f"ws://127.0.0.1:{sim_port}/v1/realtime?model=gpt-realtime",
                            "RELAY_ICE_ADDRESSES": "127.0.0.1"}
         relay = subprocess.Popen(
-            pinned("0", [sys.executable, "-m", "relay", "serve", "--port", str(relay_port)]),
+            pinned("0", [sys.executable, "-m", "relay", "serve", "--port", str(relay_port), "--workers", "1"]),
             stderr=(logs / "relay.log").open("w"), env=relay_env, cwd=ROOT)
         processes.append(relay)
         wait_for(logs / "relay.log", r"relay listening")

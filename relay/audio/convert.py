@@ -9,7 +9,7 @@ from av import AudioFrame, AudioResampler
 UPSTREAM_RATE = 24000
 WEBRTC_RATE = 48000
 FRAME_SAMPLES_48K = 960  # samples per 20 ms at 48 kHz
-FRAME_BYTES_48K_STEREO = FRAME_SAMPLES_48K * 4
+FRAME_BYTES_48K = FRAME_SAMPLES_48K * 2  # mono s16
 
 
 class Chunker:
@@ -50,15 +50,15 @@ class Downsampler:
 
 
 class Upsampler:
-    """The model's 24 kHz mono PCM16 to 20 ms frames of 48 kHz stereo s16 for the Opus encoder.
+    """The model's 24 kHz mono PCM16 to 20 ms frames of 48 kHz mono s16 for the Opus encoder.
 
-    The channels are duplicated here (exact), not by libswresample (which would upmix mono at -3 dB); 48 kHz is
-    what aiortc's encoder wants (fed 24 kHz it resamples itself and holds an extra 20 ms frame).
+    48 kHz, because that is Opus's rate (an encoder fed 24 kHz resamples itself and holds an extra 20 ms frame);
+    mono, because the relay's voice encoder (relay/webrtc/encoder.py) encodes a voice in mono.
     """
 
     def __init__(self) -> None:
         self._resampler = AudioResampler(format="s16", layout="mono", rate=WEBRTC_RATE)
-        self._frames = Chunker(FRAME_BYTES_48K_STEREO)
+        self._frames = Chunker(FRAME_BYTES_48K)
         self._started = False
         self.lead_ms = 0.0  # silence put before the item's audio to align frames (see push)
 
@@ -80,7 +80,7 @@ class Upsampler:
             lead = -mono.size % FRAME_SAMPLES_48K
             self.lead_ms = lead / 48
             mono = np.concatenate((np.zeros(lead, dtype="<i2"), mono))
-        return self._frames.push(np.repeat(mono, 2).tobytes())
+        return self._frames.push(mono.tobytes())
 
     def flush(self) -> list[bytes]:
         """The end of an item: the last partial frame, padded with silence."""

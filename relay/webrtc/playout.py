@@ -18,11 +18,11 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
-from relay.audio.convert import FRAME_BYTES_48K_STEREO, FRAME_SAMPLES_48K, WEBRTC_RATE
+from relay.audio.convert import FRAME_BYTES_48K, FRAME_SAMPLES_48K, WEBRTC_RATE
 
 FRAME_S = 0.020
 TIME_BASE = fractions.Fraction(1, WEBRTC_RATE)
-_SILENCE = bytes(FRAME_BYTES_48K_STEREO)
+_SILENCE = bytes(FRAME_BYTES_48K)
 _MAX_LATE_S = 3 * FRAME_S  # later than this, re-anchor rather than catch up
 
 
@@ -60,7 +60,7 @@ class PlayoutTrack(MediaStreamTrack):
             due = now
         self.lateness.append(now - due)
         data = self._next_frame() or _SILENCE
-        frame = AudioFrame(format="s16", layout="stereo", samples=FRAME_SAMPLES_48K)
+        frame = AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES_48K)
         frame.planes[0].update(data)
         frame.sample_rate = WEBRTC_RATE
         frame.pts = self._index * FRAME_SAMPLES_48K
