@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -46,7 +47,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     for name, info in Settings.model_fields.items():
         if info.annotation is not None and "SecretStr" in str(info.annotation):
             continue  # secrets only from the environment: flags show up in `ps` and shell history
-        default = info.default if info.default is not None else "unset"
+        default = info.get_default(call_default_factory=True)
+        default = "unset" if default is None else json.dumps(default) if isinstance(default, (list, dict)) else default
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,

@@ -236,3 +236,9 @@ async def test_relay_serve_starts_answers_healthz_and_stops_on_sigterm():
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_serve_help_shows_real_defaults():
+    result = run_relay([sys.executable, "-m", "relay"], "serve", "--help")
+    assert result.returncode == 0 and "PydanticUndefined" not in result.stdout
+    assert "default: []" in " ".join(result.stdout.split())  # ICE servers: none
