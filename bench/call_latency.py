@@ -12,7 +12,9 @@ mode (every appended chunk comes straight back as audio), so the upstream adds n
 - echo round trip, client to client: through the relay, and through a bare aiortc echo peer (decode, re-encode)
 
 Everything runs in one process on one event loop (uvloop), client and upstream included, so the figures include
-their share of the CPU: a conservative measure of the relay.
+their share of the CPU: a conservative measure of the relay. The relay's audio-sender changes are process-wide,
+so the client peer uses them too while the relay runs; the bare aiortc echo runs last, with aiortc's stock sender
+on both peers.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from relay.simulator.config import SimConfig  # noqa: E402
 from relay.simulator.server import start_simulator  # noqa: E402
 from relay.upstream.target import choose_upstream  # noqa: E402
 from relay.webrtc import inbound as inbound_module  # noqa: E402
-from relay.webrtc.aiortc_internals import restrict_host_addresses  # noqa: E402
+from relay.webrtc.aiortc_internals import restrict_host_addresses, speed_up_audio_sender  # noqa: E402
 from tests.webrtc_client import ClientCall, Microphone, call_relay  # noqa: E402
 
 MARKER_MS = 60
@@ -70,12 +72,21 @@ def onsets(samples: np.ndarray, rate: int, window_ms: int = 5) -> list[int]:
     return starts
 
 
+def speech() -> np.ndarray:
+    from tests.webrtc_client import load_pcm48
+
+    return load_pcm48("speech_hello_48k.wav")
+
+
 async def speak_markers(mic: Microphone, count: int) -> None:
+    """First a sentence (for fidelity), then one marker a second (for timing)."""
+    mic.say(speech())
+    mic.say(np.zeros(48000, dtype="<i2"))
     for index in range(count):
         mic.say(np.zeros(int(MARKER_EVERY_S * 48000) - MARKER_MS * 48, dtype="<i2"))
         mic.say(marker(), mark=f"m{index}")
     mic.say(np.zeros(48000, dtype="<i2"))
-    await asyncio.sleep(count * MARKER_EVERY_S + 1.5)
+    await asyncio.sleep(count * MARKER_EVERY_S + 1.5 + speech().size / 48000 + 1.0)
 
 
 def round_trips(call: ClientCall, count: int) -> list[float]:
@@ -170,6 +181,111 @@ async def through_relay(count: int) -> dict:
     return result
 
 
+def tone(ms: int, hz: float = 440.0) -> np.ndarray:
+    t = np.arange(ms * 48) / 48000
+    return (np.sin(2 * np.pi * hz * t) * 32767 * 0.1).astype("<i2")
+
+
+def loud_windows_ms(samples: np.ndarray, window_ms: int = 5) -> list[int]:
+    size = 48 * window_ms
+    frames = samples[: samples.size // size * size].astype(np.float64).reshape(-1, size)
+    level = 10 * np.log10(np.mean(frames**2, axis=1) / 32768**2 + 1e-12)
+    return [i * window_ms for i in np.nonzero(level > -40)[0]]
+
+
+async def barge_ins(count: int) -> dict:
+    """Interrupt the model `count` times; measure how fast its audio stops and how exact the truncation is.
+
+    The user says a steady tone; the simulator (normal mode, replies generated 4x faster than real time) echoes it
+    after 300 ms of prefix padding. A moment into the reply the user talks over it with another tone."""
+    simulator = await start_simulator(SimConfig(first_delta_delay_ms=100))
+    settings = Settings.load(env={}, upstream_url=simulator.url, ice_addresses="127.0.0.1")
+    app = create_app(settings, choose_upstream(settings))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    call = await call_relay(f"http://127.0.0.1:{runner.addresses[0][1]}")
+    await call.wait_for("session.created")
+    relay_call = next(iter(app[calls_module.CALLS].values()))
+    # Instrument without touching the relay: when speech_started reaches the core, when frames leave the track.
+    event_at: list[float] = []
+    frames_out: list[tuple[float, bool]] = []
+    on_event, next_frame = relay_call.core.on_server_event, relay_call._next_frame
+
+    def on_server_event(event):
+        if event.get("type") == "input_audio_buffer.speech_started":
+            event_at.append(time.monotonic())
+        return on_event(event)
+
+    def timed_next_frame():
+        frame = next_frame()
+        frames_out.append((time.monotonic(), frame is not None))
+        return frame
+
+    relay_call.core.on_server_event = on_server_event
+    relay_call.track._next_frame = timed_next_frame
+    # Fidelity first, the way a reply is really heard: the model's reply (here the echo of the committed speech)
+    # arrives faster than real time and plays from the queue.
+    mark = len(call.events)
+    reply_from = len(call.audio)
+    call.mic.say(np.zeros(48 * 400, "<i2"))
+    call.mic.say(speech())
+    call.mic.say(np.zeros(48 * 900, "<i2"))
+    await call.wait_for("output_audio_buffer.stopped", after=mark, timeout=30)
+    fidelity = fidelity_db(np.concatenate(call.audio[reply_from:]), speech())
+    relay_ms, client_ms, truncation_error_ms = [], [], []
+    rng = np.random.default_rng(7)
+    for _ in range(count):
+        mark = len(call.events)
+        call.mic.say(np.zeros(48 * 400, "<i2"))
+        call.mic.say(tone(1200))
+        call.mic.say(np.zeros(48 * 700, "<i2"))
+        started = await call.wait_for("output_audio_buffer.started", after=mark, timeout=20)
+        reply_start = len(call.audio)
+        await asyncio.sleep(0.45 + float(rng.uniform(0, 0.5)))  # 300 ms of prefix padding, then into the tone
+        before = len(call.events)
+        call.mic.say(tone(600, hz=660))
+        call.mic.say(np.zeros(48 * 800, "<i2"))
+        await call.wait_for("output_audio_buffer.cleared", after=before, timeout=10)
+        speech_at_client = next(call.event_times[i] for i, e in enumerate(call.events)
+                                if i >= before and e["type"] == "input_audio_buffer.speech_started")
+        await call.wait_for("output_audio_buffer.stopped", after=before, timeout=20)  # the interruption's reply
+        # Relay side: the last frame of the interrupted reply left this long after speech_started arrived.
+        t_event = event_at[-1]
+        sent_after = [t for t, sound in frames_out if t >= t_event and sound]
+        flushed_at = next((t for t, sound in frames_out if t >= t_event and not sound), t_event)
+        relay_ms.append(max([t for t in sent_after if t <= flushed_at], default=t_event) - t_event)
+        # Client side: the last loud frame of the interrupted reply reached the client's track this long after
+        # the speech_started event reached the client (its jitter buffer included).
+        next_reply = next(i for i, e in enumerate(call.events) if i > before and e["type"] == "output_audio_buffer.started")
+        next_reply_frames = next(k for k, t in enumerate(call.audio_times) if t >= call.event_times[next_reply])
+        heard = np.concatenate(call.audio[reply_start:next_reply_frames])
+        loud = loud_windows_ms(heard)
+        last_loud_frame = reply_start + (loud[-1] // 20 if loud else 0)
+        client_ms.append(call.audio_times[min(last_loud_frame, len(call.audio_times) - 1)] - speech_at_client)
+        truncate = next(e for e in reversed(simulator.recorder.sessions[-1].received)
+                        if e.get("type") == "conversation.item.truncate")
+        heard_ms = 300 + (loud[-1] + 5 - loud[0] if loud else 0)  # prefix padding + the tone received
+        truncation_error_ms.append((truncate["audio_end_ms"] - heard_ms) / 1000)
+    await call.close()
+    await runner.cleanup()
+    await simulator.stop()
+    return {"relay_barge_in_ms": relay_ms, "client_barge_in_ms": client_ms, "truncation_error_ms": truncation_error_ms,
+            "fidelity_db": fidelity}
+
+
+def fidelity_db(received: np.ndarray, sent: np.ndarray) -> float:
+    """Signal-to-noise of `sent` as found in `received`, after alignment and a least-squares gain."""
+    from tests.audio_checks import best_alignment
+
+    offset, _ = best_alignment(received, sent)
+    got = received[offset : offset + sent.size].astype(np.float64)
+    ref = sent[: got.size].astype(np.float64)
+    gain = np.dot(got, ref) / np.dot(ref, ref)
+    noise = got - gain * ref
+    return float(10 * np.log10(np.dot(gain * ref, gain * ref) / (np.dot(noise, noise) + 1e-9)))
+
+
 async def bare_aiortc_echo(count: int) -> dict:
     """The same client against an aiortc peer that sends back what it receives (decode, re-encode)."""
     server = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -199,7 +315,7 @@ async def bare_aiortc_echo(count: int) -> dict:
     await client_pc.setRemoteDescription(RTCSessionDescription(server.localDescription.sdp, "answer"))
     await asyncio.sleep(1.0)
     await speak_markers(mic, count)
-    result = {"round_trip_ms": round_trips(call, count)}
+    result = {"round_trip_ms": round_trips(call, count), "fidelity_db": fidelity_db(call.received(), speech())}
     await call.close()
     await server.close()
     return result
@@ -215,10 +331,13 @@ def summary(values_s: list[float]) -> str:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--markers", type=int, default=30, help="markers to send per run (one a second)")
+    parser.add_argument("--barge-ins", type=int, default=10, help="interruptions to measure")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     args = parser.parse_args()
     restrict_host_addresses(["127.0.0.1"])
     relayed = await through_relay(args.markers)
+    interruptions = await barge_ins(args.barge_ins)
+    speed_up_audio_sender(False)  # the baseline is stock aiortc on both peers
     bare = await bare_aiortc_echo(args.markers)
     per_frame = {
         label: [v * 1000 for v in values] for label, values in relayed["timings"].items()
@@ -231,6 +350,11 @@ async def main() -> None:
         f"p99 {percentile(relayed['lateness_ms'], 99) * 1000:7.2f} ms",
         f"echo round trip, via relay   {summary(relayed['round_trip_ms'])}",
         f"echo round trip, bare aiortc {summary(bare['round_trip_ms'])}",
+        f"barge-in, event at relay -> last frame out  {summary(interruptions['relay_barge_in_ms'])}",
+        f"barge-in, event at client -> last audio in  {summary(interruptions['client_barge_in_ms'])}",
+        f"truncation error (audio_end_ms - heard)     {summary(interruptions['truncation_error_ms'])}",
+        f"fidelity (SNR of the echoed speech)         relay {interruptions['fidelity_db']:.1f} dB, "
+        f"bare aiortc echo {bare['fidelity_db']:.1f} dB",
         f"inbound: {relayed['inbound_stats']}",
         f"playout queue depth (frames, sampled every 100 ms): max {max(relayed['playout_queue_frames'])}, "
         f"mean {statistics.fmean(relayed['playout_queue_frames']):.2f}; playout schedule re-anchored after stalls: "
@@ -238,7 +362,8 @@ async def main() -> None:
     ]
     print("\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps({"relay": relayed, "bare_aiortc": bare}, default=float, indent=1))
+        args.json.write_text(json.dumps({"relay": relayed, "bare_aiortc": bare, "barge_in": interruptions},
+                                        default=float, indent=1))
 
 
 if __name__ == "__main__":

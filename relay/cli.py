@@ -69,11 +69,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
     _setup_logging(settings.log_level)
-    from relay.server.app import ListenError, serve
-    from relay.server.workers import run_master
-
     if settings.workers > 1 and "RELAY_WORKER_INDEX" not in os.environ:
+        from relay.server.workers import run_master  # the master stays small: no aiortc, no PyAV
+
         return run_master(settings)
+    from relay.server.app import ListenError, serve
+
     try:
         _run(serve(settings))
     except ListenError as exc:

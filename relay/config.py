@@ -40,8 +40,8 @@ class Settings(BaseModel):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8080, ge=0, le=65535, description="port to listen on (0: any free port)")
     workers: int = Field(
-        default_factory=lambda: os.cpu_count() or 1, ge=1, le=62,
-        description="worker processes sharing the port, one per core (default: the number of cores)",
+        default_factory=lambda: min(62, len(os.sched_getaffinity(0))), ge=1, le=62, validate_default=True,
+        description="worker processes sharing the port, one per core (default: the cores this process may use)",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
     openai_api_key: SecretStr | None = Field(None, description="use the OpenAI Realtime API with this key")

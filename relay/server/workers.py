@@ -11,6 +11,8 @@ that the kernel hands to another worker is forwarded there.
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import json
 import logging
 import os
@@ -25,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiohttp import ClientSession, UnixConnector, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, UnixConnector, web
 
 from relay.config import Settings
 
@@ -34,6 +36,7 @@ log = logging.getLogger("relay")
 DIGITS = string.digits + string.ascii_letters  # base 62, as in the ids
 FORWARDED = "X-Relay-Forwarded"
 MAX_RESTARTS_PER_MINUTE = 5
+FORWARD_TIMEOUT = ClientTimeout(total=10)
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 
 
@@ -86,13 +89,13 @@ async def _forward(request: web.Request, path: Path) -> web.Response:
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS} | {FORWARDED: "1"}
     body = await request.read()
     try:
-        async with ClientSession(connector=UnixConnector(path=str(path))) as session:
+        async with ClientSession(connector=UnixConnector(path=str(path)), timeout=FORWARD_TIMEOUT) as session:
             async with session.request(request.method, f"http://worker{request.path_qs}", headers=headers,
                                        data=body) as response:
                 payload = await response.read()
                 kept = {k: v for k, v in response.headers.items() if k.lower() not in _HOP_HEADERS}
                 return web.Response(status=response.status, body=payload, headers=kept)
-    except OSError:
+    except (OSError, ClientError, asyncio.TimeoutError):  # the owner is gone, restarting, or stuck
         body = {"error": {"message": "The worker that owns this call is not available.", "type": "server_error",
                           "code": "worker_unavailable", "param": None}}
         return web.json_response(body, status=503)
@@ -102,13 +105,19 @@ async def _forward(request: web.Request, path: Path) -> web.Response:
 
 
 def _resolve_port(host: str, port: int) -> tuple[socket.socket, int]:
-    """Bind host:port with SO_REUSEPORT (not listening: it takes no connections) to learn the port number."""
+    """Check that host:port is free, then hold it with SO_REUSEPORT (not listening: it takes no connections).
+
+    The first bind has no SO_REUSEPORT, so a port another relay already shares is refused here rather than joined.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as check:
+        check.bind((host, port))
+        port = check.getsockname()[1]
     probe = socket.socket(family, socket.SOCK_STREAM)
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     probe.bind((host, port))
-    return probe, probe.getsockname()[1]
+    return probe, port
 
 
 def _child_env(settings: Settings, port: int, index: int, count: int, sockets: Path) -> dict[str, str]:
@@ -124,6 +133,14 @@ def _child_env(settings: Settings, port: int, index: int, count: int, sockets: P
     return env
 
 
+def _die_with_the_master() -> None:
+    """In the child, before exec: SIGTERM when the master dies, however it dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_master(settings: Settings) -> int:
     """Start and supervise the workers until SIGTERM/SIGINT; returns the exit code."""
     try:
@@ -131,17 +148,21 @@ def run_master(settings: Settings) -> int:
     except OSError as exc:
         print(f"relay: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    sockets = Path(tempfile.mkdtemp(prefix="relay-workers-"))
     count = settings.workers
+    children: list[subprocess.Popen] = []
     stopping = False
+    sockets = Path(tempfile.mkdtemp(prefix="relay-workers-"))
 
     def spawn(index: int) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "relay", "serve"],
-                                env=_child_env(settings, port, index, count, sockets))
+        child = subprocess.Popen([sys.executable, "-m", "relay", "serve"], preexec_fn=_die_with_the_master,
+                                 env=_child_env(settings, port, index, count, sockets))
+        if stopping:  # a signal came while it started: it must stop too
+            child.send_signal(signal.SIGTERM)
+        return child
 
-    def stop(signum, frame) -> None:
+    def stop(signum=None, frame=None) -> None:
         nonlocal stopping
-        if stopping:  # a second signal: stop now
+        if stopping and signum is not None:  # a second signal: stop now
             for child in children:
                 child.kill()
         stopping = True
@@ -149,41 +170,51 @@ def run_master(settings: Settings) -> int:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 
+    def wait_all(timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for child in children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    children = [spawn(i) for i in range(count)]
-    restarts: list[float] = []
     try:
+        for index in range(count):
+            children.append(spawn(index))
         deadline = time.monotonic() + 60
         while not stopping and not all((sockets / f"worker-{i}.sock").exists() for i in range(count)):
             if time.monotonic() > deadline or any(c.poll() is not None for c in children):
                 log.error("relay workers failed to start")
-                stop(None, None)
+                stop()
+                wait_all(10)
                 return 1
             time.sleep(0.05)
-        host = f"[{settings.host}]" if ":" in settings.host else settings.host
-        log.info("relay listening on http://%s:%d/ (%d workers)", host, port, count)
+        if not stopping:
+            host = f"[{settings.host}]" if ":" in settings.host else settings.host
+            log.info("relay listening on http://%s:%d/ (%d workers)", host, port, count)
+        restarts: list[float] = []
         while not stopping:
             for index, child in enumerate(children):
                 if child.poll() is not None and not stopping:
                     restarts = [t for t in restarts if time.monotonic() - t < 60] + [time.monotonic()]
                     if len(restarts) > MAX_RESTARTS_PER_MINUTE:
                         log.error("relay workers keep dying; stopping")
-                        stop(None, None)
+                        stop()
+                        wait_all(30)
                         return 1
                     log.warning("relay worker %d exited (%s); restarting it", index, child.returncode)
                     (sockets / f"worker-{index}.sock").unlink(missing_ok=True)
                     children[index] = spawn(index)
             time.sleep(0.2)
-        for child in children:
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        wait_all(30)
         return 0
     finally:
         for child in children:
             if child.poll() is None:
                 child.kill()
+                child.wait()
         probe.close()
         shutil.rmtree(sockets, ignore_errors=True)

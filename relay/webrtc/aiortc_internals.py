@@ -73,8 +73,11 @@ _original_next_encoded_frame = RTCRtpSender._next_encoded_frame
 _original_audio_level = aiortc.rtp.compute_audio_level_dbov
 
 
-def audio_level_dbov(frame: AudioFrame) -> int:
-    """RFC 6465 audio level (0 loudest, -127 silence) of an s16 frame, over every sample of every channel."""
+def audio_level_dbov(frame: AudioFrame) -> int | None:
+    """RFC 6465 audio level (0 loudest, -127 silence) of a packed s16 frame, over every sample of every channel;
+    None (no level sent) for other formats."""
+    if frame.format.name != "s16":
+        return None
     samples = np.frombuffer(frame.planes[0], dtype="<i2", count=frame.samples * len(frame.layout.channels))
     power = float(np.dot(samples, samples.astype(np.int64))) / (samples.size * 32767.0 * 32767.0) if samples.size else 0.0
     if power <= 0:
@@ -107,13 +110,13 @@ async def _next_encoded_frame_inline(self: RTCRtpSender, codec: Any) -> RTCEncod
 
 
 def speed_up_audio_sender(enabled: bool = True) -> None:
-    """Encode audio inline and compute its level with numpy, process-wide (False restores aiortc's own code)."""
+    """Encode audio inline with the relay's voice encoder and compute its level with numpy, process-wide
+    (False restores aiortc's own code)."""
     for name in ("_RTCRtpSender__track", "_RTCRtpSender__encoder", "_RTCRtpSender__force_keyframe",
                  "_RTCRtpSender__loop"):
         if name not in _SENDER_ATTRIBUTES:
             raise InternalsMoved(f"aiortc's RTCRtpSender has no {name} any more")
     RTCRtpSender._next_encoded_frame = _next_encoded_frame_inline if enabled else _original_next_encoded_frame
-    aiortc.rtp.compute_audio_level_dbov = audio_level_dbov if enabled else _original_audio_level
 
 
 # The private attributes aiortc's sender methods use (the inline sender reads some of them).

@@ -92,6 +92,7 @@ async def test_the_inline_sender_sends_audio():
     """A real call with the faster sender: audio frames arrive at the other peer."""
     from tests.webrtc_client import Microphone
 
+    was = RTCRtpSender._next_encoded_frame
     speed_up_audio_sender()
     restrict_host_addresses(["127.0.0.1"])
     sender_pc, receiver_pc = aiortc.RTCPeerConnection(), aiortc.RTCPeerConnection()
@@ -121,3 +122,4 @@ async def test_the_inline_sender_sends_audio():
         await sender_pc.close()
         await receiver_pc.close()
         restrict_host_addresses([])
+        RTCRtpSender._next_encoded_frame = was  # leave the process as it was

@@ -7,8 +7,8 @@ import json
 from relay.core.call import CallCore, ToClient, ToUpstream
 from relay.core.reorder import ReorderBuffer
 
-FRAME = b"\x00\x10" * 1920  # one 20 ms frame of sound (4096), 48 kHz stereo s16
-QUIET = bytes(3840)  # one 20 ms frame of silence
+FRAME = b"\x00\x10" * 960  # one 20 ms frame of sound (4096), 48 kHz mono s16
+QUIET = bytes(1920)  # one 20 ms frame of silence
 
 
 def frames(n: int) -> list[bytes]:

@@ -196,15 +196,15 @@ def test_the_voice_encoder_options_take_effect():
     assert all(config >= 16 for config in toc_configs(OPTIONS))  # configurations 16-31: CELT
     assert any(config < 16 for config in toc_configs({"application": "voip"}))  # SILK or hybrid
 
-    def cost(options) -> float:
-        import time
-        encoder, frames = VoiceOpusEncoder(options=options), _voice(2.0)
-        start = time.process_time()
-        for f in frames:
-            encoder.encode(f)
-        return time.process_time() - start
+    def packets(options) -> list[bytes]:
+        encoder = VoiceOpusEncoder(options=options)
+        return [payloads[0] for payloads, _ in (encoder.encode(f) for f in frames) if payloads]
 
-    assert cost(OPTIONS) < cost({**OPTIONS, "compression_level": "10"})  # complexity 5 is cheaper
+    plain_vbr, chosen = packets({"application": "audio", "compression_level": "5"}), packets(OPTIONS)
+    assert packets({**OPTIONS, "compression_level": "10"}) != chosen  # the complexity option is applied
+    mean_bytes = sum(map(len, chosen)) / len(chosen)
+    assert mean_bytes <= 48000 / 8 / 50 * 1.15  # constrained VBR stays near 48 kb/s (plain VBR: ~78 kb/s here)
+    assert sum(map(len, plain_vbr)) / len(plain_vbr) > mean_bytes * 1.3  # which is what the vbr option changes
 
 
 def test_the_voice_encoder_accepts_stereo_input():
