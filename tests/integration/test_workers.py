@@ -102,3 +102,47 @@ async def test_relay_serve_with_two_workers(simulator):
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"
+
+
+async def _workers_of(process, count: int = 2) -> list[int]:
+    async with asyncio.timeout(15):
+        while len(children := _children(process.pid)) < count:
+            await asyncio.sleep(0.05)
+    return children
+
+
+@pytest.mark.parametrize("how", ["sigterm-during-startup", "master-killed"])
+async def test_no_worker_outlives_the_master(simulator, how):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_") and k != "OPENAI_API_KEY"}
+    env |= {"RELAY_UPSTREAM_URL": simulator.url, "RELAY_ICE_ADDRESSES": "127.0.0.1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "serve", "--port", "0", "--workers", "2", env=env,
+        stderr=subprocess.DEVNULL)
+    try:
+        workers = await _workers_of(process)
+        if how == "sigterm-during-startup":
+            process.send_signal(signal.SIGTERM)  # the workers are still importing: not yet listening
+            assert await asyncio.wait_for(process.wait(), 30) == 0
+        else:
+            process.kill()  # no chance to clean up: the workers must notice by themselves
+            await process.wait()
+        async with asyncio.timeout(20):
+            while not all(_gone(pid) for pid in workers):
+                await asyncio.sleep(0.1)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
