@@ -240,7 +240,7 @@ async def barge_ins(count: int) -> dict:
         call.mic.say(np.zeros(48 * 400, "<i2"))
         call.mic.say(tone(1200))
         call.mic.say(np.zeros(48 * 700, "<i2"))
-        started = await call.wait_for("output_audio_buffer.started", after=mark, timeout=20)
+        await call.wait_for("output_audio_buffer.started", after=mark, timeout=20)
         reply_start = len(call.audio)
         await asyncio.sleep(0.45 + float(rng.uniform(0, 0.5)))  # 300 ms of prefix padding, then into the tone
         before = len(call.events)

@@ -149,7 +149,7 @@ async def test_operator_locks_disable_controls_with_an_explanation(page, stack):
     assert "operator" in await p.inner_text('.locked-note[data-for="voice"]')
     assert await p.is_enabled("#turn") and not await p.is_visible('.locked-note[data-for="turn_detection"]')
     session_id = await _latest_session(stack)
-    types = await _until_received(stack, session_id, {"session.update"}, 0)
+    assert "session.update" in await _until_received(stack, session_id, {"session.update"}, 0)
     update = next(e for e in stack.sim_received(session_id) if e.get("type") == "session.update")
     assert "instructions" not in update["session"] and "voice" not in update["session"]["audio"]["output"]
     assert page.console_errors == []

@@ -70,8 +70,8 @@ def test_expiry_at_sixty_minutes_on_the_virtual_clock():
 def test_barge_in_on_the_virtual_clock_cancels_at_the_moment_speech_starts():
     session = SimSession(SimConfig(speed=1.0), "gpt-realtime", now=0.0)
     session.take_outgoing()
-    _, now = append(session, silence(300) + HELLO + silence(600), 0.0)
-    events = session.take_outgoing()
+    turn, now = append(session, silence(300) + HELLO + silence(600), 0.0)
+    assert "input_audio_buffer.speech_stopped" in [e["type"] for e in turn]
     timed = run_until_idle(session, now, limit=0.5)  # half a second of the reply goes out
     assert any(e["type"] == "response.output_audio.delta" for _, e in timed)
     out, _ = append(session, HELLO[: 200 * BYTES_PER_MS], now + 0.5)
