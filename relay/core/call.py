@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from relay.protocol import CLIENT_EVENT_TYPES, ProtocolError, loads, new_id
+from relay.protocol import ProtocolError, client_event_envelope, event_id_of, new_id
 
 FRAME_MS = 20
 RELAY_EVENT_PREFIX = "relay_"
@@ -276,7 +276,7 @@ class CallCore:
         The relay checks only what it acts on: JSON, a known event type, and the fields it must control. Anything
         else (new fields included) is the upstream's to accept or refuse, as on OpenAI's own endpoint."""
         try:
-            event = _client_event(text)
+            event = client_event_envelope(text)
         except ProtocolError as error:
             self.stats.client_errors += 1
             return [ToClient(_error_event(error))], None
@@ -287,7 +287,7 @@ class CallCore:
                 "invalid_value",
                 "input_audio_buffer.append is not supported over WebRTC: the audio goes by the RTP track.",
                 "type",
-                event.get("event_id") if isinstance(event.get("event_id"), str) else None,
+                event_id_of(event),
             )))], None
         if kind == "output_audio_buffer.clear":
             return self.flush(), None
@@ -318,24 +318,6 @@ class CallCore:
     def _is_own(self, error_event: dict[str, Any]) -> bool:
         error = error_event.get("error")
         return isinstance(error, dict) and error.get("event_id") in self._own_event_ids
-
-
-def _client_event(text: str) -> dict[str, Any]:
-    """A JSON object with a known event type, or ProtocolError as the service words it."""
-    try:
-        event = loads(text)
-    except (ValueError, RecursionError):
-        raise ProtocolError("invalid_json", "The event must be a JSON object.") from None
-    if not isinstance(event, dict):
-        raise ProtocolError("invalid_json", "The event must be a JSON object.")
-    event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
-    kind = event.get("type")
-    if not isinstance(kind, str) or kind not in CLIENT_EVENT_TYPES:
-        if kind is None:
-            raise ProtocolError("missing_required_parameter", "Missing required parameter: 'type'.", "type", event_id)
-        supported = ", ".join(f"'{t}'" for t in CLIENT_EVENT_TYPES)
-        raise ProtocolError("invalid_value", f"Invalid value: '{kind}'. Supported values are: {supported}.", "type", event_id)
-    return event
 
 
 def _path(container: dict[str, Any], *keys: str) -> dict[str, Any]:

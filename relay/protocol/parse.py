@@ -69,12 +69,9 @@ def dumps(event: dict[str, Any]) -> str:
 # --- client events -----------------------------------------------------------------------------------------------
 
 
-def parse_client_event(data: str | bytes | dict[str, Any]) -> m.ClientEvent:
-    """Parse and validate one client event the way the real service does.
-
-    Raises ProtocolError with the service's error code: `invalid_json`, `invalid_value` (unknown type),
-    `unknown_parameter`, `missing_required_parameter`, `invalid_type`, `integer_below_min_value`, ...
-    """
+def client_event_envelope(data: str | bytes | dict[str, Any]) -> dict[str, Any]:
+    """The first check of a client event: a JSON object whose `type` is one of the client events. Nothing about
+    its other fields. Raises ProtocolError (`invalid_json`, `missing_required_parameter`, `invalid_value`)."""
     if isinstance(data, (str, bytes)):
         try:
             data = loads(data)
@@ -86,18 +83,32 @@ def parse_client_event(data: str | bytes | dict[str, Any]) -> m.ClientEvent:
             raise ProtocolError("invalid_json", "The event is nested too deeply.") from None
     if not isinstance(data, dict):
         raise ProtocolError("invalid_json", "The event must be a JSON object.")
-    event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None
     event_type = data.get("type")
-    cls = CLIENT_EVENT_TYPES.get(event_type) if isinstance(event_type, str) else None
-    if cls is None:
+    if not (isinstance(event_type, str) and event_type in CLIENT_EVENT_TYPES):
+        event_id = event_id_of(data)
         if event_type is None:
             raise ProtocolError("missing_required_parameter", "Missing required parameter: 'type'.", "type", event_id)
         supported = ", ".join(f"'{t}'" for t in CLIENT_EVENT_TYPES)
         raise ProtocolError(
             "invalid_value", f"Invalid value: '{event_type}'. Supported values are: {supported}.", "type", event_id
         )
+    return data
+
+
+def event_id_of(event: dict[str, Any]) -> str | None:
+    return event["event_id"] if isinstance(event.get("event_id"), str) else None
+
+
+def parse_client_event(data: str | bytes | dict[str, Any]) -> m.ClientEvent:
+    """Parse and validate one client event the way the real service does.
+
+    Raises ProtocolError with the service's error code: `invalid_json`, `invalid_value` (unknown type),
+    `unknown_parameter`, `missing_required_parameter`, `invalid_type`, `integer_below_min_value`, ...
+    """
+    data = client_event_envelope(data)
+    event_id = event_id_of(data)
     try:
-        event = cls.model_validate(data)
+        event = CLIENT_EVENT_TYPES[data["type"]].model_validate(data)
     except ValidationError as exc:
         raise error_from_validation(exc, event_id) from None
     except RecursionError:
