@@ -25,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tests.processes import clean_env, stop_all, wait_for_line  # noqa: E402
 TICKS = os.sysconf("SC_CLK_TCK")
 WARMUP_S = 4.0
 
@@ -42,15 +44,6 @@ def cpu_seconds(pid: int) -> float:
 
 def pinned(cpus: str, command: list[str]) -> list[str]:
     return (["taskset", "-c", cpus] if shutil.which("taskset") else []) + command
-
-
-def wait_for(log: Path, pattern: str, timeout: float = 30.0) -> re.Match:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if match := re.search(pattern, log.read_text()):
-            return match
-        time.sleep(0.1)
-    raise TimeoutError(f"{pattern!r} not in {log}:\n{log.read_text()}")
 
 
 async def run_clients(url: str, calls: int, seconds: float) -> dict:
@@ -91,7 +84,7 @@ def main() -> None:
     logs = Path(os.environ.get("TMPDIR", "/tmp")) / f"relay-bench-{os.getpid()}"
     logs.mkdir(exist_ok=True)
     sim_port, relay_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_") and k != "OPENAI_API_KEY"}
+    env = clean_env()
     others = ",".join(str(c) for c in range(1, os.cpu_count() or 2)) or "0"
     processes = []
     try:
@@ -106,7 +99,7 @@ def main() -> None:
             pinned("0", [sys.executable, "-m", "relay", "serve", "--port", str(relay_port), "--workers", "1"]),
             stderr=(logs / "relay.log").open("w"), env=relay_env, cwd=ROOT)
         processes.append(relay)
-        wait_for(logs / "relay.log", r"relay listening")
+        wait_for_line(logs / "relay.log", "relay listening", relay)
         per_process = [args.calls // args.client_processes + (i < args.calls % args.client_processes)
                        for i in range(args.client_processes)]
         clients = [subprocess.Popen(
@@ -129,14 +122,7 @@ def main() -> None:
         expected = (WARMUP_S + args.seconds) * 50
         print(f"frames received per call: min {min(frames)}, max {max(frames)} (about {expected:.0f} expected)")
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(processes, timeout=15)
 
 
 if __name__ == "__main__":

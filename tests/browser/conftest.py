@@ -12,13 +12,14 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import wave
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.processes import clean_env, stop_all, wait_for_line
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -95,17 +96,6 @@ def _speaking_microphone(path: Path) -> None:
         w.writeframes(signal.tobytes())
 
 
-def _wait_for_line(log: Path, text: str, process: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in log.read_text():
-            return
-        if process.poll() is not None:
-            raise RuntimeError(f"{log.name} exited early:\n{log.read_text()}")
-        time.sleep(0.1)
-    raise TimeoutError(f"{text!r} not in {log.name} after {timeout}s:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
     _check_requirements()
@@ -120,28 +110,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
         wrapper.chmod(0o755)
         mic = tmp / "microphone.wav"
         _speaking_microphone(mic)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_") and k != "OPENAI_API_KEY"}
+        env = clean_env()
         sim_log, relay_log = tmp / "simulator.log", tmp / "relay.log"
         processes.append(subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-m", "relay", "simulator", "--port", str(SIM_PORT)],
             stdout=subprocess.DEVNULL, stderr=sim_log.open("w"), env=env, cwd=ROOT))
-        _wait_for_line(sim_log, "simulator listening", processes[-1])
+        wait_for_line(sim_log, "simulator listening", processes[-1])
         relay_env = env | {"RELAY_UPSTREAM_URL": f"ws://127.0.0.1:{SIM_PORT}/v1/realtime?model=gpt-realtime",
                            "RELAY_ICE_ADDRESSES": "127.0.0.1"}
         processes.append(subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-m", "relay", "serve", "--port", str(RELAY_PORT)],
             stdout=subprocess.DEVNULL, stderr=relay_log.open("w"), env=relay_env, cwd=ROOT))
-        _wait_for_line(relay_log, "relay listening", processes[-1])
+        wait_for_line(relay_log, "relay listening", processes[-1])
         yield Stack(ns, wrapper, mic)
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_all(processes, timeout=10)
         subprocess.run(["ip", "netns", "del", ns], check=False)
 
 

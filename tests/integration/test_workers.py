@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from relay.server.app import create_app
 from relay.server.calls import CALLS
 from relay.server.workers import Worker
 from relay.upstream.target import choose_upstream
+from tests.processes import clean_env, relay_serve
 from tests.webrtc_client import call_relay
 
 
@@ -75,18 +75,9 @@ async def test_a_call_of_a_missing_worker_is_a_503(two_workers, tmp_path):
 
 
 async def test_relay_serve_with_two_workers(simulator):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_") and k != "OPENAI_API_KEY"}
-    env |= {"RELAY_UPSTREAM_URL": simulator.url, "RELAY_ICE_ADDRESSES": "127.0.0.1"}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relay", "serve", "--port", "0", "--workers", "2", env=env, stderr=subprocess.PIPE)
-    try:
-        base = None
-        async with asyncio.timeout(30):
-            while base is None:
-                line = (await process.stderr.readline()).decode()
-                assert line, "relay serve exited early"
-                if found := re.search(r"relay listening on (http://127\.0\.0\.1:\d+)/ \(2 workers\)", line):
-                    base = found.group(1)
+    env = clean_env(RELAY_UPSTREAM_URL=simulator.url, RELAY_ICE_ADDRESSES="127.0.0.1")
+    async with relay_serve("--workers", "2", env=env) as (process, base, line):
+        assert "(2 workers)" in line
         owners = set()
         async with aiohttp.ClientSession() as http:
             for _ in range(8):
@@ -98,10 +89,6 @@ async def test_relay_serve_with_two_workers(simulator):
         assert owners <= {0, 1}
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 def _children(pid: int) -> list[int]:
@@ -126,8 +113,7 @@ async def _workers_of(process, count: int = 2) -> list[int]:
 
 @pytest.mark.parametrize("how", ["sigterm-during-startup", "master-killed"])
 async def test_no_worker_outlives_the_master(simulator, how):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_") and k != "OPENAI_API_KEY"}
-    env |= {"RELAY_UPSTREAM_URL": simulator.url, "RELAY_ICE_ADDRESSES": "127.0.0.1"}
+    env = clean_env(RELAY_UPSTREAM_URL=simulator.url, RELAY_ICE_ADDRESSES="127.0.0.1")
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "relay", "serve", "--port", "0", "--workers", "2", env=env,
         stderr=subprocess.DEVNULL)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
 import subprocess
@@ -15,13 +14,7 @@ import pytest
 from relay.cli import SECRET_KNOBS, sim_config_from
 from relay.config import Settings
 from relay.simulator.config import ALL_KNOBS, PER_SESSION, SERVER_ONLY, KnobError, SimConfig, with_overrides
-
-
-def clean_env() -> dict[str, str]:
-    """This process's environment without anything that would choose an upstream or change a setting."""
-    return {
-        k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY" and not k.startswith("RELAY_")
-    }
+from tests.processes import clean_env
 
 
 LAUNCHERS = [

@@ -1,0 +1,65 @@
+"""Starting and stopping the project's own processes in tests and benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import AsyncIterator, Iterable
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without the relay's settings and keys (a developer's own must not leak in), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_") and k != "OPENAI_API_KEY"}
+    return env | extra
+
+
+def stop_all(processes: Iterable[subprocess.Popen], timeout: float) -> None:
+    """SIGTERM every process still running, then wait for each (together at most ~`timeout`), killing stragglers."""
+    processes = list(processes)
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_for_line(log: Path, text: str, process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Wait until the process's log file holds `text`; fail at once if the process exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text():
+            return
+        if process.poll() is not None:
+            raise RuntimeError(f"{log.name} exited early:\n{log.read_text()}")
+        time.sleep(0.1)
+    raise TimeoutError(f"{text!r} not in {log.name} after {timeout}s:\n{log.read_text()}")
+
+
+@contextlib.asynccontextmanager
+async def relay_serve(*args: str, env: dict[str, str], timeout: float = 30.0) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, str]]:
+    """`relay serve --port 0 ARGS` as a process: yields it, its base URL and its `relay listening` log line.
+    The process is killed on the way out if the test did not end it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "serve", "--port", "0", *args, env=env, stderr=subprocess.PIPE)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                line = (await process.stderr.readline()).decode()
+                assert line, "relay serve exited early"
+                if found := re.search(r"relay listening on (http://127\.0\.0\.1:\d+)/", line):
+                    break
+        yield process, found.group(1), line
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
