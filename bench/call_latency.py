@@ -1,6 +1,9 @@
-"""One call on loopback, measured: what the relay adds to the audio path.
+"""One call on loopback, measured from inside the relay: where its time goes, frame by frame.
 
     python bench/call_latency.py [--markers 30] [--json results.json]
+
+(The comparison with Pipecat and a bare aiortc echo, in separate processes, is bench/compare.py. This one runs
+client, relay and simulator in one process so it can time the relay's own methods.)
 
 A client peer (aiortc) sends silence with a short tone marker once a second. The upstream is the simulator in echo
 mode (every appended chunk comes straight back as audio), so the upstream adds no delay of its own. Printed:
@@ -9,12 +12,13 @@ mode (every appended chunk comes straight back as audio), so the upstream adds n
 - processing per 20 ms frame, inbound (RTP packet -> append queued) and outbound (audio delta -> frames queued,
   and each playout tick), p50/p99, measured by wrapping the relay's methods (no instrumentation in the relay)
 - outbound frame timing: how late each frame left the playout track against its schedule (p99)
-- echo round trip, client to client: through the relay, and through a bare aiortc echo peer (decode, re-encode)
+- echo round trip, client to client, through the client's aiortc jitter buffer
+- barge-in as the relay sees it (speech_started reaching its core -> the last frame of the reply leaving it) and
+  as the client hears it; truncation error; fidelity of a reply
 
 Everything runs in one process on one event loop (uvloop), client and upstream included, so the figures include
 their share of the CPU: a conservative measure of the relay. The relay's audio-sender changes are process-wide,
-so the client peer uses them too while the relay runs; the bare aiortc echo runs last, with aiortc's stock sender
-on both peers.
+so the client peer uses them too.
 """
 
 from __future__ import annotations
@@ -32,8 +36,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiohttp import web  # noqa: E402
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription  # noqa: E402
-from aiortc.contrib.media import MediaRelay  # noqa: E402
 
 from relay.config import Settings  # noqa: E402
 from relay.server import calls as calls_module  # noqa: E402
@@ -42,40 +44,14 @@ from relay.simulator.config import SimConfig  # noqa: E402
 from relay.simulator.server import start_simulator  # noqa: E402
 from relay.upstream.target import choose_upstream  # noqa: E402
 from relay.webrtc import inbound as inbound_module  # noqa: E402
-from relay.webrtc.aiortc_internals import restrict_host_addresses, speed_up_audio_sender  # noqa: E402
+from relay.webrtc.aiortc_internals import restrict_host_addresses  # noqa: E402
 from tests.webrtc_client import ClientCall, Microphone, call_relay  # noqa: E402
+from bench.analysis import (  # noqa: E402
+    MARKER_MS, fidelity_db, marker, onsets, pair_arrivals, percentile, speech, summary, tone)
+from tests.audio_checks import loud_ms  # noqa: E402
 
-MARKER_MS = 60
 MARKER_EVERY_S = 1.0
-ONSET_DB = -30.0
 
-
-def marker() -> np.ndarray:
-    t = np.arange(MARKER_MS * 48) / 48000
-    return (np.sin(2 * np.pi * 1000 * t) * 32767 * 0.25).astype("<i2")
-
-
-def percentile(values: list[float], p: float) -> float:
-    return float(np.percentile(values, p)) if values else float("nan")
-
-
-def onsets(samples: np.ndarray, rate: int, window_ms: int = 5) -> list[int]:
-    """Sample indexes where a loud run starts after quiet (window resolution)."""
-    size = rate * window_ms // 1000
-    frames = samples[: samples.size // size * size].astype(np.float64).reshape(-1, size)
-    loud = 10 * np.log10(np.mean(frames**2, axis=1) / 32768**2 + 1e-12) > ONSET_DB
-    starts, quiet_run = [], 100
-    for index, is_loud in enumerate(loud):
-        if is_loud and quiet_run >= 20:  # at least 100 ms of quiet before
-            starts.append(index * size)
-        quiet_run = 0 if is_loud else quiet_run + 1
-    return starts
-
-
-def speech() -> np.ndarray:
-    from tests.webrtc_client import load_pcm48
-
-    return load_pcm48("speech_hello_48k.wav")
 
 
 async def speak_markers(mic: Microphone, count: int) -> None:
@@ -95,19 +71,7 @@ def round_trips(call: ClientCall, count: int) -> list[float]:
     frame_of_sample = np.repeat(np.arange(len(call.audio)), [len(a) for a in call.audio])
     heard = [call.audio_times[frame_of_sample[i]] for i in onsets(received, 48000)]
     sent = [call.mic.marks[f"m{i}"] for i in range(count) if f"m{i}" in call.mic.marks]
-    return _pair(sent, heard)
-
-
-def _pair(sent: list[float], heard: list[float], limit_s: float = 0.8) -> list[float]:
-    """Match each sent marker to the first later arrival within `limit_s`."""
-    out, j = [], 0
-    for t in sent:
-        while j < len(heard) and heard[j] < t:
-            j += 1
-        if j < len(heard) and heard[j] - t < limit_s:
-            out.append(heard[j] - t)
-            j += 1
-    return out
+    return pair_arrivals(sent, heard)
 
 
 class Timings:
@@ -164,7 +128,7 @@ async def through_relay(count: int) -> dict:
         needed = (sample + 24) * 2  # a millisecond into the marker
         upstream_times.append(next(t for t, total in arrivals if total >= needed))
     sent = [call.mic.marks[f"m{i}"] for i in range(count) if f"m{i}" in call.mic.marks]
-    mouth = _pair(sent, upstream_times)
+    mouth = pair_arrivals(sent, upstream_times)
     result = {
         "mouth_to_upstream_ms": mouth,
         "round_trip_ms": round_trips(call, count),
@@ -179,18 +143,6 @@ async def through_relay(count: int) -> dict:
     await runner.cleanup()
     await simulator.stop()
     return result
-
-
-def tone(ms: int, hz: float = 440.0) -> np.ndarray:
-    t = np.arange(ms * 48) / 48000
-    return (np.sin(2 * np.pi * hz * t) * 32767 * 0.1).astype("<i2")
-
-
-def loud_windows_ms(samples: np.ndarray, window_ms: int = 5) -> list[int]:
-    size = 48 * window_ms
-    frames = samples[: samples.size // size * size].astype(np.float64).reshape(-1, size)
-    level = 10 * np.log10(np.mean(frames**2, axis=1) / 32768**2 + 1e-12)
-    return [i * window_ms for i in np.nonzero(level > -40)[0]]
 
 
 async def barge_ins(count: int) -> dict:
@@ -260,7 +212,7 @@ async def barge_ins(count: int) -> dict:
         next_reply = next(i for i, e in enumerate(call.events) if i > before and e["type"] == "output_audio_buffer.started")
         next_reply_frames = next(k for k, t in enumerate(call.audio_times) if t >= call.event_times[next_reply])
         heard = np.concatenate(call.audio[reply_start:next_reply_frames])
-        loud = loud_windows_ms(heard)
+        loud = loud_ms(heard)
         last_loud_frame = reply_start + (loud[-1] // 20 if loud else 0)
         client_ms.append(call.audio_times[min(last_loud_frame, len(call.audio_times) - 1)] - speech_at_client)
         truncate = next(e for e in reversed(simulator.recorder.sessions[-1].received)
@@ -274,74 +226,6 @@ async def barge_ins(count: int) -> dict:
             "fidelity_db": fidelity}
 
 
-def fidelity_db(received: np.ndarray, sent: np.ndarray, window_ms: int = 200, slack_ms: int = 20) -> float:
-    """Median signal-to-noise of `sent` as found in `received`, window by window.
-
-    One global alignment is found first; each 200 ms window of speech is then realigned within +-20 ms and scored
-    with a least-squares gain, so a single dropped or inserted frame costs one window, not the whole sentence."""
-    from tests.audio_checks import best_alignment
-
-    offset, _ = best_alignment(received, sent)
-    size, slack = 48 * window_ms, 48 * slack_ms
-    scores = []
-    for start in range(0, sent.size - size, size):
-        ref = sent[start : start + size].astype(np.float64)
-        if 10 * np.log10(np.mean(ref**2) / 32768**2 + 1e-12) < -40:
-            continue  # silence: nothing to compare
-        lo = max(0, offset + start - slack)
-        segment = received[lo : offset + start + size + slack]
-        if segment.size < size:
-            continue
-        local, _ = best_alignment(segment, sent[start : start + size])
-        got = segment[local : local + size].astype(np.float64)
-        gain = np.dot(got, ref) / np.dot(ref, ref)
-        noise = got - gain * ref
-        scores.append(10 * np.log10(np.dot(gain * ref, gain * ref) / (np.dot(noise, noise) + 1e-9)))
-    return float(np.median(scores)) if scores else float("nan")
-
-
-async def bare_aiortc_echo(count: int) -> dict:
-    """The same client against an aiortc peer that sends back what it receives (decode, re-encode)."""
-    server = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    media = MediaRelay()
-
-    @server.on("track")
-    def on_track(track):
-        server.addTrack(media.subscribe(track))
-
-    client_pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    mic = Microphone()
-    client_pc.addTrack(mic)
-    call = ClientCall(client_pc, None, mic, "bare", "")
-
-    @client_pc.on("track")
-    def on_client_track(track):
-        async def record():
-            while True:
-                frame = await track.recv()
-                call.audio.append(frame.to_ndarray().reshape(-1, 2)[:, 0].astype("<i2"))
-                call.audio_times.append(time.monotonic())
-        call._tasks.append(asyncio.ensure_future(record()))
-
-    await client_pc.setLocalDescription(await client_pc.createOffer())
-    await server.setRemoteDescription(client_pc.localDescription)
-    await server.setLocalDescription(await server.createAnswer())
-    await client_pc.setRemoteDescription(RTCSessionDescription(server.localDescription.sdp, "answer"))
-    await asyncio.sleep(1.0)
-    await speak_markers(mic, count)
-    result = {"round_trip_ms": round_trips(call, count), "fidelity_db": fidelity_db(call.received(), speech())}
-    await call.close()
-    await server.close()
-    return result
-
-
-def summary(values_s: list[float]) -> str:
-    ms = [v * 1000 for v in values_s]
-    if not ms:
-        return "no samples"
-    return f"p50 {percentile(ms, 50):7.2f} ms   p99 {percentile(ms, 99):7.2f} ms   (n={len(ms)})"
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--markers", type=int, default=30, help="markers to send per run (one a second)")
@@ -351,8 +235,6 @@ async def main() -> None:
     restrict_host_addresses(["127.0.0.1"])
     relayed = await through_relay(args.markers)
     interruptions = await barge_ins(args.barge_ins)
-    speed_up_audio_sender(False)  # the baseline is stock aiortc on both peers
-    bare = await bare_aiortc_echo(args.markers)
     per_frame = {
         label: [v * 1000 for v in values] for label, values in relayed["timings"].items()
     }
@@ -363,12 +245,10 @@ async def main() -> None:
         f"outbound frame lateness      p50 {percentile(relayed['lateness_ms'], 50) * 1000:7.2f} ms   "
         f"p99 {percentile(relayed['lateness_ms'], 99) * 1000:7.2f} ms",
         f"echo round trip, via relay   {summary(relayed['round_trip_ms'])}",
-        f"echo round trip, bare aiortc {summary(bare['round_trip_ms'])}",
         f"barge-in, event at relay -> last frame out  {summary(interruptions['relay_barge_in_ms'])}",
         f"barge-in, event at client -> last audio in  {summary(interruptions['client_barge_in_ms'])}",
         f"truncation error (audio_end_ms - heard)     {summary(interruptions['truncation_error_ms'])}",
-        f"fidelity (median SNR of 200 ms windows)     relay {interruptions['fidelity_db']:.1f} dB, "
-        f"bare aiortc echo {bare['fidelity_db']:.1f} dB",
+        f"fidelity (median SNR of 200 ms windows)     relay {interruptions['fidelity_db']:.1f} dB",
         f"inbound: {relayed['inbound_stats']}",
         f"playout queue depth (frames, sampled every 100 ms): max {max(relayed['playout_queue_frames'])}, "
         f"mean {statistics.fmean(relayed['playout_queue_frames']):.2f}; playout schedule re-anchored after stalls: "
@@ -376,7 +256,7 @@ async def main() -> None:
     ]
     print("\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps({"relay": relayed, "bare_aiortc": bare, "barge_in": interruptions},
+        args.json.write_text(json.dumps({"relay": relayed, "barge_in": interruptions},
                                         default=float, indent=1))
 
 

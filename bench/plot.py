@@ -1,9 +1,8 @@
-"""Draw the latency figures of docs/performance.md from a `bench/call_latency.py --json FILE` run.
+"""Draw the figures of docs/performance.md from a `bench/compare.py` run (it calls this itself).
 
-    python bench/call_latency.py --markers 30 --barge-ins 10 --json docs/call_latency.json
-    python bench/plot.py docs/call_latency.json docs/
+    python bench/plot.py bench-results/results.json docs/
 
-Needs matplotlib (`pip install -e ".[bench]"`). Writes latency-distributions.png.
+Needs matplotlib (`pip install -e ".[bench]"`). Writes latency-distributions.png and capacity-ramp.png.
 """
 
 from __future__ import annotations
@@ -17,32 +16,72 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+TARGETS = (("relay", "tab:blue"), ("pipecat", "tab:orange"), ("direct", "tab:gray"))
 
-def main(results: Path, out: Path) -> None:
-    data = json.loads(results.read_text())
-    relay, bare, barge = data["relay"], data["bare_aiortc"], data["barge_in"]
-    ms = lambda values: [v * 1000 for v in values]  # noqa: E731
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    ax = axes[0]
-    ax.hist([ms(relay["round_trip_ms"]), ms(bare["round_trip_ms"])], bins=20, label=["through the relay", "bare aiortc echo"])
-    ax.set_title("Echo round trip, client to client")
-    ax.set_xlabel("ms")
-    ax.legend()
-    ax = axes[1]
-    ax.hist(ms(relay["mouth_to_upstream_ms"]), bins=20, color="tab:green")
-    ax.set_title("Mouth to upstream")
-    ax.set_xlabel("ms")
-    ax = axes[2]
-    ax.hist([ms(barge["client_barge_in_ms"]), ms(barge["relay_barge_in_ms"])], bins=10,
-            label=["as the client hears it", "frames sent after the event"])
-    ax.set_title("Barge-in (speech_started to last audio)")
-    ax.set_xlabel("ms")
-    ax.legend()
+
+def _ms(values: list[float] | None) -> list[float]:
+    return [v * 1000 for v in values or []]
+
+
+def _cdf(ax, values_ms: list[float], label: str, color: str) -> None:
+    if values_ms:
+        ordered = sorted(values_ms)
+        ax.step(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], where="post", label=label, color=color)
+
+
+def latency(results: dict, out: Path) -> Path:
+    panels = (("round_trip_s", "Echo round trip, client to client"), ("mouth_to_upstream_s", "Mouth to upstream"),
+              ("barge_in_s", "Barge-in: speech_started → last packet"),
+              ("truncation_error_s", "Truncation error (audio_end_ms − received)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.8))
+    for ax, (key, title) in zip(axes, panels):
+        for name, color in TARGETS:
+            _cdf(ax, _ms(results.get(name, {}).get(key)), "direct aiortc echo" if name == "direct" else name, color)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("ms")
+        ax.set_ylabel("fraction ≤ x")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
+    path = out / "latency-distributions.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def capacity(ramps: dict, out: Path) -> Path:
+    fig, (late, cpu) = plt.subplots(1, 2, figsize=(12, 4))
+    for name, ramp in ramps.items():
+        steps = [s for s in ramp["steps"] if "late_fraction" in s]
+        calls = [s["calls"] for s in steps]
+        late.plot(calls, [s["late_fraction"] * 100 for s in steps], marker="o", label=name)
+        cpu.plot(calls, [s["cpu_share"] * 100 for s in steps], marker="o", label=name)
+    late.axhline(0.5, color="red", linestyle="--", linewidth=1, label="0.5 % limit")
+    late.set_yscale("symlog", linthresh=0.1)
+    late.set_ylim(bottom=0)
+    late.set_title("Outbound frames > 20 ms late", fontsize=10)
+    late.set_ylabel("% of frames")
+    cpu.set_title("Target CPU (100 % = one core)", fontsize=10)
+    cpu.set_ylabel("% of one core")
+    for ax in (late, cpu):
+        ax.set_xlabel("concurrent full-duplex calls")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "capacity-ramp.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_all(results: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "latency-distributions.png", dpi=100)
-    print(f"wrote {out / 'latency-distributions.png'}")
+    paths = [latency(results, out)]
+    if results.get("capacity"):
+        paths.append(capacity(results["capacity"], out))
+    return paths
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    for written in plot_all(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])):
+        print(f"wrote {written}")

@@ -23,6 +23,11 @@ SECRET_KNOBS = ("api_key",)
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "debug":
+        # aioice logs every ICE check of every call at info level: a dozen lines per call that say nothing to an
+        # operator. Their warnings still show; --log-level debug shows everything.
+        for noisy in ("aioice", "aiortc"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _run(coro: Any) -> None:

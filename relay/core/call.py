@@ -51,16 +51,15 @@ class ItemPlayout:
     response_id: str
     item_id: str
     received_ms: float = 0.0  # audio the model sent for it
-    lead_ms: float = 0.0  # silence put in front of it to align frames (not the model's audio)
     queued_frames: int = 0
     emitted_frames: int = 0  # frames handed to the encoder, or skipped as leading silence
     sound_queued: bool = False  # a frame that is not silence has been queued
 
     @property
     def heard_ms(self) -> int:
-        """What the user heard of the model's audio: frames sent, less the alignment lead, clamped to what was
-        received (the last frame may be padding)."""
-        return int(max(0.0, min(self.emitted_frames * FRAME_MS - self.lead_ms, self.received_ms)))
+        """What the user heard of the model's audio: frames sent, clamped to what was received (the last frame
+        may be padding)."""
+        return int(min(self.emitted_frames * FRAME_MS, self.received_ms))
 
 
 @dataclass
@@ -145,10 +144,8 @@ class CallCore:
         if isinstance(turn_detection, dict):
             self._interrupt_response = turn_detection.get("interrupt_response") is not False
 
-    def on_audio(self, response_id: str, item_id: str, frames: list[bytes], source_ms: float,
-                 lead_ms: float = 0.0) -> list[Action]:
-        """The model's audio for an item, as 20 ms frames ready for the encoder; `lead_ms` of silence were put
-        in front of the item's first frame (they are not part of what the user heard of the item).
+    def on_audio(self, response_id: str, item_id: str, frames: list[bytes], source_ms: float) -> list[Action]:
+        """The model's audio for an item, as 20 ms frames ready for the encoder (`source_ms` of it arrived).
 
         Silence at the start of an item is skipped rather than played: the reply starts sooner, and a backlog
         left in the queue by a burst is won back. Skipped frames count as played (the item's timeline moves on,
@@ -157,7 +154,7 @@ class CallCore:
             return []
         item = self._items.get(item_id)
         if item is None:
-            item = self._items[item_id] = ItemPlayout(response_id, item_id, lead_ms=lead_ms)
+            item = self._items[item_id] = ItemPlayout(response_id, item_id)
         item.received_ms += source_ms
         self._arrivals.append((self._ticks, source_ms))
         for frame in frames:

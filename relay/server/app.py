@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 import logging
 import signal
@@ -17,7 +18,7 @@ from relay.simulator.server import RunningSimulator, start_simulator
 from relay.server.calls import add_call_routes
 from relay.server.workers import Worker
 from relay.upstream.target import UpstreamTarget, choose_upstream
-from relay.webrtc.aiortc_internals import restrict_host_addresses, speed_up_audio_sender
+from relay.webrtc.aiortc_internals import restrict_host_addresses, speed_up_audio_sender, speed_up_ntp_clock
 
 log = logging.getLogger("relay")
 
@@ -51,6 +52,7 @@ def create_app(settings: Settings, upstream: UpstreamTarget, worker: Worker = Wo
     no per-call option) and the faster audio sender."""
     restrict_host_addresses(settings.ice_addresses)
     speed_up_audio_sender()
+    speed_up_ntp_clock()
     app = web.Application(client_max_size=settings.max_sdp_bytes)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/", index)
@@ -86,6 +88,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             await site.start()
         except OSError as exc:
             raise ListenError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+        # Everything loaded so far (modules, the app) lives as long as the process: take it out of the garbage
+        # collector's view, so that a full collection scans the calls' objects only. Measured: full collections
+        # paused the loop for 20-70 ms with 20 calls, long enough to make every call's next frames late.
+        gc.freeze()
         if worker.count > 1:
             # Ready: the master announces the address once every worker's socket is there.
             await web.UnixSite(runner, str(worker.socket_path(worker.index))).start()

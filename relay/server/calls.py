@@ -22,7 +22,7 @@ from aiohttp import BodyPartReader, web
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.exceptions import InvalidStateError
 
-from relay.audio.convert import Upsampler
+from relay.audio.convert import FRAME_BYTES_24K, Chunker
 from relay.config import Settings
 from relay.core.call import Action, CallCore, ToClient, error_event
 from relay.protocol import new_id
@@ -79,8 +79,8 @@ class Call:
         self._upstream_outbox: deque[str] = deque()
         self._upstream_outbox_bytes = 0
         self._upstream_ready = asyncio.Event()
-        self._upsampler = Upsampler()
-        self._upsampling_item: str | None = None
+        self._framer = Chunker(FRAME_BYTES_24K)  # the current item's audio, cut into 20 ms frames
+        self._framing_item: str | None = None
 
     # --- setup -------------------------------------------------------------------------------------------------
 
@@ -237,9 +237,10 @@ class Call:
         if kind == "response.output_audio.delta":
             self._on_audio_delta(event)
             return
-        if kind == "response.output_audio.done" and event.get("item_id") == self._upsampling_item:
-            self._dispatch(self.core.on_audio(event.get("response_id", ""), self._upsampling_item,
-                                              self._upsampler.flush(), 0.0))
+        if kind == "response.output_audio.done" and event.get("item_id") == self._framing_item:
+            last = self._framer.flush()
+            self._dispatch(self.core.on_audio(event.get("response_id", ""), self._framing_item,
+                                              [last] if last else [], 0.0))
         if kind == "conversation.item.retrieved" and _drop_item_audio(event):
             text = json.dumps(event, separators=(",", ":"))  # the client heard it by RTP; it may not fit the channel
         actions = self.core.on_server_event(event)
@@ -258,11 +259,11 @@ class Call:
         except (KeyError, TypeError, binascii.Error, ValueError):
             log.warning("call %s: malformed audio delta dropped", self.id)
             return
-        if item_id != self._upsampling_item:
-            self._upsampler = Upsampler()  # a new item starts from clean resampler state
-            self._upsampling_item = item_id
-        frames = self._upsampler.push(pcm[: len(pcm) // 2 * 2])
-        self._dispatch(self.core.on_audio(response_id, item_id, frames, len(pcm) / 48, self._upsampler.lead_ms))
+        if item_id != self._framing_item:
+            self._framer = Chunker(FRAME_BYTES_24K)  # a new item starts on a frame boundary
+            self._framing_item = item_id
+        frames = self._framer.push(pcm[: len(pcm) // 2 * 2])
+        self._dispatch(self.core.on_audio(response_id, item_id, frames, len(pcm) / 48))
 
     async def _write_upstream(self) -> None:
         assert self.ws is not None

@@ -61,6 +61,7 @@ class SessionRecord:
     close_code: int | None = None
     received: list[Any] = field(default_factory=list)
     sent_types: list[str] = field(default_factory=list)
+    sent_at: list[float] = field(default_factory=list)  # monotonic time each sent event left, for cross-process timing
     input_audio: bytearray = field(default_factory=bytearray)
     # (monotonic arrival time, bytes of audio received so far) per append: when each piece of audio got here
     append_arrivals: list[tuple[float, int]] = field(default_factory=list)
@@ -99,6 +100,7 @@ class SessionRecord:
     def on_sent(self, event_type: str) -> None:
         if len(self.sent_types) < _MAX_EVENTS_RECORDED:
             self.sent_types.append(event_type)
+            self.sent_at.append(time.monotonic())
 
     def received_types(self) -> list[str]:
         return [e.get("type") if isinstance(e, dict) else None for e in self.received]
@@ -331,7 +333,10 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 async def show_session(request: web.Request) -> web.Response:
     record = _record_or_404(request)
-    return web.json_response(record.summary() | {"received": record.received, "sent_types": record.sent_types})
+    # Times are CLOCK_MONOTONIC seconds: comparable across the processes of one machine (benchmarks use them).
+    return web.json_response(record.summary() | {
+        "received": record.received, "sent_types": record.sent_types, "sent_at": record.sent_at,
+        "append_arrivals": record.append_arrivals})
 
 
 async def session_audio(request: web.Request) -> web.Response:

@@ -1,57 +1,86 @@
 """The relay's Opus encoder, used in place of aiortc's by the faster audio sender (see aiortc_internals).
 
-aiortc's encoder is fixed at stereo, 96 kb/s, `application=voip`, complexity 10: ~270 us per 20 ms frame. A voice
-needs none of that: mono, 48 kb/s, `application=audio` (CELT: cheaper than SILK at this rate) and complexity 5
-cost ~110-135 us, with packets about a third of the size. Each option is checked by its effect on the bitstream
-(PyAV accepts unknown option names silently): tests/unit/test_media.py.
+aiortc's encoder is fixed at stereo, 96 kb/s, `application=voip`, complexity 10, fed 48 kHz audio: ~270 us per
+20 ms frame, in a thread pool. A voice needs none of that: mono, 48 kb/s, `application=audio` (CELT: cheaper than
+SILK at this rate), complexity 5, encoded straight from the model's 24 kHz (relay/audio/opus.py): ~60 us, inline,
+with packets about a third of the size. Each setting is checked by its effect on the bitstream (tests/unit/test_media.py).
 """
 
 from __future__ import annotations
 
-import fractions
+import math
 
-import av
+import numpy as np
 from aiortc.codecs.opus import OpusEncoder
 from av import AudioFrame, AudioResampler
 
-SAMPLE_RATE = 48000
-SAMPLES_PER_FRAME = 960
-BITRATE = 48000
-# Constrained VBR: below complexity 7 libopus skips its analysis and plain VBR overshoots the target (~78 kb/s).
-OPTIONS = {"application": "audio", "compression_level": "5", "vbr": "constrained"}
+from relay.audio import opus
+
+RTP_SAMPLES_PER_FRAME = 960  # Opus RTP timestamps count 48 kHz samples whatever the coded rate (RFC 7587)
+# Digital silence is most of a call (the model listens while the user talks). Once the encoder has coded this many
+# silent frames in a row to the same packet, its state has settled and the packet is reused instead of encoding.
+SILENCE_SETTLE_FRAMES = 10
+
+
+def pcm_level_dbov(pcm: bytes) -> int:
+    """RFC 6465 audio level of PCM16 (0 loudest, -127 silence)."""
+    if pcm.count(0) == len(pcm):
+        return -127
+    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
+    power = float(np.dot(samples, samples)) / (samples.size * 32767.0 * 32767.0)
+    return round(max(-127.0, min(0.0, 10 * math.log10(power)))) if power > 0 else -127
 
 
 class VoiceOpusEncoder:
     """aiortc's Encoder interface: encode(frame, force_keyframe) -> (payloads, rtp timestamp)."""
 
-    def __init__(self, bitrate: int = BITRATE, options: dict[str, str] | None = None) -> None:
-        self.codec = av.CodecContext.create("libopus", "w")
-        self.codec.bit_rate = bitrate
-        self.codec.format = "s16"
-        self.codec.layout = "mono"
-        self.codec.sample_rate = SAMPLE_RATE
-        self.codec.time_base = fractions.Fraction(1, SAMPLE_RATE)
-        self.codec.options = dict(OPTIONS if options is None else options)
-        self._resampler: AudioResampler | None = None  # only for frames that are not 20 ms of 48 kHz mono s16
+    def __init__(self, bitrate: int = 48000, complexity: int = 5, application: str = "audio",
+                 constrained_vbr: bool = True) -> None:
+        # Constrained VBR: below complexity 7 libopus skips its analysis and plain VBR overshoots (~78 kb/s).
+        self._opus = opus.Encoder(bitrate, complexity, application, constrained_vbr)
+        self._resampler: AudioResampler | None = None  # only for frames that are not 20 ms of 24 kHz mono s16
         self._packets = 0  # every packet is 20 ms: its RTP timestamp follows from the count
+        self._silent_run = 0  # silent frames coded in a row, each to the packet below
+        self._silent_packet = b""
+        self.encoded = 0  # frames that went through libopus (the rest were settled silence)
 
     def encode(self, frame: AudioFrame, force_keyframe: bool = False) -> tuple[list[bytes], int | None]:
-        if (frame.layout.name, frame.sample_rate, frame.samples, frame.format.name) == ("mono", SAMPLE_RATE,
-                                                                                          SAMPLES_PER_FRAME, "s16"):
+        payloads, timestamp, _ = self.encode_with_level(frame)
+        return payloads, timestamp
+
+    def encode_with_level(self, frame: AudioFrame) -> tuple[list[bytes], int | None, int | None]:
+        """encode(), and the RFC 6465 level of the audio (None if nothing was encoded)."""
+        if (frame.layout.name, frame.sample_rate, frame.samples, frame.format.name) == ("mono", opus.RATE,
+                                                                                          opus.FRAME_SAMPLES, "s16"):
             frames = [frame]
-        else:  # e.g. a stereo track: converted, as aiortc's encoder does
+        else:  # e.g. a 48 kHz stereo track: converted, as aiortc's encoder does
             if self._resampler is None:
-                self._resampler = AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE,
-                                                 frame_size=SAMPLES_PER_FRAME)
+                self._resampler = AudioResampler(format="s16", layout="mono", rate=opus.RATE,
+                                                 frame_size=opus.FRAME_SAMPLES)
+            frame.pts = None  # the resampler needs no timing, and an input clock that jumps must not confuse it
             frames = self._resampler.resample(frame)
-        for f in frames:
-            f.pts = None  # the encoder numbers its own output; an input clock that jumps must not confuse it
-        packets = [packet for f in frames for packet in self.codec.encode(f)]
-        if not packets:
-            return [], None  # nothing yet (only while a resampler is filling its first frame)
-        timestamp = self._packets * SAMPLES_PER_FRAME
-        self._packets += len(packets)
-        return [bytes(p) for p in packets], timestamp
+        if not frames:
+            return [], None, None  # nothing yet (only while a resampler is filling its first frame)
+        pcm = [bytes(f.planes[0])[: opus.FRAME_SAMPLES * 2] for f in frames]
+        payloads = [self._encode_pcm(p) for p in pcm]
+        timestamp = self._packets * RTP_SAMPLES_PER_FRAME
+        self._packets += len(payloads)
+        return payloads, timestamp, pcm_level_dbov(pcm[-1])
+
+    def _encode_pcm(self, pcm: bytes) -> bytes:
+        silent = pcm.count(0) == len(pcm)
+        if silent and self._silent_run >= SILENCE_SETTLE_FRAMES:
+            return self._silent_packet
+        packet = self._opus.encode(pcm)
+        self.encoded += 1
+        if not silent:
+            self._silent_run = 0
+        elif self._silent_run == 0 or packet == self._silent_packet:
+            self._silent_run += 1
+            self._silent_packet = packet
+        else:
+            self._silent_run, self._silent_packet = 1, packet
+        return packet
 
     def pack(self, packet):
         """Pre-encoded Opus packets pass as aiortc's own encoder passes them."""

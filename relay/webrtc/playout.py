@@ -2,7 +2,8 @@
 
 aiortc's sender awaits recv(), encodes and sends at once, so pacing is this track's job. The schedule is anchored
 (frame k is due at start + k * 20 ms), so sleeps do not accumulate drift. After a stall (the loop was blocked) the
-schedule is re-anchored instead of sending the missed frames in a burst. Timestamps grow by exactly 960 per frame.
+schedule is re-anchored instead of sending the missed frames in a burst. Frames are the model's own 24 kHz mono
+(the voice encoder codes that rate directly); pts grow by exactly 480 per frame.
 When there is nothing to play the track sends silence: RTP never stops.
 """
 
@@ -18,11 +19,11 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
-from relay.audio.convert import FRAME_BYTES_48K, FRAME_SAMPLES_48K, WEBRTC_RATE
+from relay.audio.convert import FRAME_BYTES_24K, FRAME_SAMPLES_24K, UPSTREAM_RATE
 
 FRAME_S = 0.020
-TIME_BASE = fractions.Fraction(1, WEBRTC_RATE)
-_SILENCE = bytes(FRAME_BYTES_48K)
+TIME_BASE = fractions.Fraction(1, UPSTREAM_RATE)
+_SILENCE = bytes(FRAME_BYTES_24K)
 _MAX_LATE_S = 3 * FRAME_S  # later than this, re-anchor rather than catch up
 
 
@@ -60,10 +61,10 @@ class PlayoutTrack(MediaStreamTrack):
             due = now
         self.lateness.append(now - due)
         data = self._next_frame() or _SILENCE
-        frame = AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES_48K)
+        frame = AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES_24K)
         frame.planes[0].update(data)
-        frame.sample_rate = WEBRTC_RATE
-        frame.pts = self._index * FRAME_SAMPLES_48K
+        frame.sample_rate = UPSTREAM_RATE
+        frame.pts = self._index * FRAME_SAMPLES_24K
         frame.time_base = TIME_BASE
         self._index += 1
         return frame

@@ -193,7 +193,12 @@ async def test_records_hold_what_each_session_received(simulator, url):
         assert [s["session_id"] for s in summaries] == [session_id]
         assert summaries[0]["input_audio_ms"] == ms_of(silence(300) + HELLO)
         async with http.get(f"{base}/v1/simulator/sessions/{session_id}") as response:
-            assert (await response.json())["received"][0]["event_id"] == "evt_rec"
+            shown = await response.json()
+        assert shown["received"][0]["event_id"] == "evt_rec"
+        # Monotonic times, for benchmarks in other processes: one per sent event, one per append, in order.
+        assert len(shown["sent_at"]) == len(shown["sent_types"]) and shown["sent_at"] == sorted(shown["sent_at"])
+        assert [total for _, total in shown["append_arrivals"]][-1] == len(silence(300) + HELLO)
+        assert record.started_at and shown["sent_at"][0] <= time.monotonic()
         async with http.get(f"{base}/v1/simulator/sessions/{session_id}/input_audio.wav") as response:
             with wave.open(io.BytesIO(await response.read())) as wav:
                 assert wav.readframes(wav.getnframes()) == silence(300) + HELLO

@@ -123,3 +123,17 @@ async def test_the_inline_sender_sends_audio():
         await receiver_pc.close()
         restrict_host_addresses([])
         RTCRtpSender._next_encoded_frame = was  # leave the process as it was
+
+
+def test_the_fast_ntp_clock_agrees_with_aiortcs_and_is_what_aiortc_reads():
+    from relay.webrtc.aiortc_internals import _original_current_ntp_time, current_ntp_time, speed_up_ntp_clock
+
+    ours, theirs = current_ntp_time(), _original_current_ntp_time()
+    assert abs(ours - theirs) < 0.005 * 2**32  # within 5 ms (they are read one after the other)
+    assert "clock.current_ntp_time()" in inspect.getsource(aiortc.rtcrtpsender.RTCRtpSender)
+    speed_up_ntp_clock()
+    try:
+        assert aiortc.clock.current_ntp_time is current_ntp_time
+    finally:
+        speed_up_ntp_clock(False)
+    assert aiortc.clock.current_ntp_time is _original_current_ntp_time

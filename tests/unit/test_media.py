@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import av
 import numpy as np
+import pytest
 
 from relay.webrtc.inbound import InboundAudio
 from relay.webrtc.playout import PlayoutTrack
@@ -122,11 +123,11 @@ class FakeClock:
 
 async def test_one_20ms_frame_per_recv_on_an_anchored_schedule():
     clock = FakeClock()
-    frames = iter([b"\x01\x00" * 960] * 3)
+    frames = iter([b"\x01\x00" * 480] * 3)
     track = PlayoutTrack(lambda: next(frames, None), clock=clock, sleep=clock.sleep)
     out = [await track.recv() for _ in range(500)]
-    assert [f.pts for f in out] == [i * 960 for i in range(500)]
-    assert all((f.samples, f.sample_rate, f.layout.name, f.format.name) == (960, 48000, "mono", "s16") for f in out)
+    assert [f.pts for f in out] == [i * 480 for i in range(500)]
+    assert all((f.samples, f.sample_rate, f.layout.name, f.format.name) == (480, 24000, "mono", "s16") for f in out)
     assert bytes(out[0].planes[0])[:4] == b"\x01\x00\x01\x00" and not any(bytes(out[3].planes[0]))  # then silence
     assert abs(clock.now - (1000.0 + 499 * 0.020)) < 1e-9  # no drift after 10 s
 
@@ -150,11 +151,12 @@ async def test_a_small_delay_is_caught_up_a_stall_is_not_burst_out():
 
 
 def _voice(seconds: float = 1.0) -> list[av.AudioFrame]:
-    tone = (np.sin(np.arange(int(48000 * seconds)) * 2 * np.pi * 220 / 48000) * 8000).astype("<i2")
+    """20 ms frames of a 220 Hz tone, as the playout track makes them: 24 kHz mono s16."""
+    tone = (np.sin(np.arange(int(24000 * seconds)) * 2 * np.pi * 220 / 24000) * 8000).astype("<i2")
     frames = []
-    for i in range(0, tone.size, 960):
-        frame = av.AudioFrame.from_ndarray(tone[i : i + 960].reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate, frame.pts = 48000, i
+    for i in range(0, tone.size, 480):
+        frame = av.AudioFrame.from_ndarray(tone[i : i + 480].reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate, frame.pts = 24000, i
         frames.append(frame)
     return frames
 
@@ -165,46 +167,43 @@ def test_the_voice_encoder_makes_mono_opus_with_growing_timestamps():
     encoder = VoiceOpusEncoder()
     results = [encoder.encode(f) for f in _voice()]
     stamps = [ts for payloads, ts in results if payloads]
-    assert stamps[:3] == [0, 960, 1920] and len(stamps) >= 49
-    decoder = av.CodecContext.create("libopus", "r")
+    assert stamps[:3] == [0, 960, 1920] and len(stamps) == 50  # RTP counts 48 kHz ticks; no frame held back
+    decoder = av.CodecContext.create("libopus", "r")  # an independent decoder (ffmpeg's), as a browser's would be
     (decoded,) = decoder.decode(av.Packet(results[5][0][0]))
-    assert decoded.samples == 960
+    assert (decoded.samples, decoded.sample_rate) == (960, 48000)
     packet = results[5][0][0]
     assert packet[0] & 0b100 == 0  # the TOC byte's stereo flag: mono
+    assert packet[0] >> 3 == 27  # configuration 27: CELT, super-wideband (all of 24 kHz audio), 20 ms
 
 
-def test_the_voice_encoder_options_take_effect():
-    """PyAV accepts unknown option names silently: each option is checked by what it changes."""
-    from relay.webrtc.encoder import OPTIONS, VoiceOpusEncoder
-
+def test_the_voice_encoder_settings_take_effect():
+    """Each setting is checked by what it changes in the bitstream."""
     import wave
 
+    from relay.webrtc.encoder import VoiceOpusEncoder
     from tests.helpers import FIXTURES
 
     with wave.open(str(FIXTURES / "speech_hello_48k.wav")) as w:
-        speech = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+        speech = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")[::2]  # 24 kHz is enough for the voice
     frames = []
-    for i in range(0, speech.size - 960, 960):
-        frame = av.AudioFrame.from_ndarray(speech[i : i + 960].reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = 48000
+    for i in range(0, speech.size - 480, 480):
+        frame = av.AudioFrame.from_ndarray(speech[i : i + 480].reshape(1, -1).copy(), format="s16", layout="mono")
+        frame.sample_rate = 24000
         frames.append(frame)
 
-    def toc_configs(options) -> set[int]:
-        encoder = VoiceOpusEncoder(options=options)
-        return {payloads[0][0] >> 3 for payloads, _ in (encoder.encode(f) for f in frames) if payloads}
-
-    assert all(config >= 16 for config in toc_configs(OPTIONS))  # configurations 16-31: CELT
-    assert any(config < 16 for config in toc_configs({"application": "voip"}))  # SILK or hybrid
-
-    def packets(options) -> list[bytes]:
-        encoder = VoiceOpusEncoder(options=options)
+    def packets(**settings) -> list[bytes]:
+        encoder = VoiceOpusEncoder(**settings)
         return [payloads[0] for payloads, _ in (encoder.encode(f) for f in frames) if payloads]
 
-    plain_vbr, chosen = packets({"application": "audio", "compression_level": "5"}), packets(OPTIONS)
-    assert packets({**OPTIONS, "compression_level": "10"}) != chosen  # the complexity option is applied
+    chosen = packets()
+    assert all(p[0] >> 3 >= 16 for p in chosen)  # configurations 16-31: CELT
+    assert any(p[0] >> 3 < 16 for p in packets(application="voip"))  # SILK or hybrid
+    assert packets(complexity=10) != chosen  # the complexity setting is applied
     mean_bytes = sum(map(len, chosen)) / len(chosen)
-    assert mean_bytes <= 48000 / 8 / 50 * 1.15  # constrained VBR stays near 48 kb/s (plain VBR: ~78 kb/s here)
-    assert sum(map(len, plain_vbr)) / len(plain_vbr) > mean_bytes * 1.3  # which is what the vbr option changes
+    assert mean_bytes <= 48000 / 8 / 50 * 1.15  # constrained VBR stays near 48 kb/s
+    plain_vbr = packets(constrained_vbr=False)
+    assert sum(map(len, plain_vbr)) / len(plain_vbr) > mean_bytes * 1.3  # what the constraint changes
+    assert sum(map(len, packets(bitrate=24000))) < sum(map(len, chosen)) * 0.7  # the bitrate setting is applied
 
 
 def test_the_voice_encoder_accepts_stereo_input():
@@ -215,3 +214,69 @@ def test_the_voice_encoder_accepts_stereo_input():
     stereo.sample_rate = 48000
     outputs = [encoder.encode(stereo) for _ in range(3)]
     assert any(payloads for payloads, _ in outputs)
+
+
+def test_the_opus_binding_decodes_any_client_packet_to_24k_mono_and_survives_garbage():
+    from relay.audio import opus
+
+    encoder = av.CodecContext.create("libopus", "w")  # a browser-like stereo 48 kHz stream, from another encoder
+    encoder.sample_rate, encoder.layout, encoder.format, encoder.bit_rate = 48000, "stereo", "s16", 64000
+    tone = (np.sin(np.arange(960 * 10) * 2 * np.pi * 440 / 48000) * 8000).astype("<i2")
+    packets = []
+    for i in range(0, tone.size, 960):
+        frame = av.AudioFrame.from_ndarray(np.repeat(tone[i : i + 960], 2).reshape(1, -1), format="s16", layout="stereo")
+        frame.sample_rate, frame.pts = 48000, i
+        packets += [bytes(p) for p in encoder.encode(frame)]
+    decoder = opus.Decoder()
+    pcm = [decoder.decode(p) for p in packets]
+    assert {len(p) for p in pcm} == {960}  # 20 ms of 24 kHz mono PCM16 each
+    assert np.abs(np.frombuffer(pcm[-1], "<i2")).max() > 2000  # the tone, at about its level
+    for garbage in (b"\xff" * 3, b""):
+        with pytest.raises(opus.OpusError):
+            decoder.decode(garbage)
+    assert len(decoder.decode(packets[-1])) == 960  # still decoding
+    with pytest.raises(ValueError):
+        opus.Encoder().encode(bytes(100))  # only whole 20 ms frames
+    assert opus.VERSION.startswith("libopus")
+
+
+def test_settled_silence_reuses_a_packet_and_speech_after_it_is_as_good_as_always_encoding():
+    """Skipping libopus for settled digital silence must not cost the speech that follows any fidelity. (The
+    packets after the pause are not bit-identical: the encoder's rate control moves on during silence. Their
+    signal-to-noise against the input is what matters.)"""
+    import wave
+
+    from relay.webrtc.encoder import SILENCE_SETTLE_FRAMES, VoiceOpusEncoder
+    from tests.audio_checks import best_alignment
+    from tests.helpers import FIXTURES
+
+    with wave.open(str(FIXTURES / "speech_hello_48k.wav")) as w:
+        speech = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")[::2].copy()
+    pcm = np.concatenate([speech, np.zeros(24000, "<i2"), speech])  # speech, 1 s of digital silence, speech
+
+    def encode_all(encoder: VoiceOpusEncoder) -> list[bytes]:
+        out = []
+        for i in range(0, pcm.size - 480, 480):
+            frame = av.AudioFrame.from_ndarray(pcm[i : i + 480].reshape(1, -1).copy(), format="s16", layout="mono")
+            frame.sample_rate = 24000
+            out.append(encoder.encode(frame)[0][0])
+        return out
+
+    def snr_of_second_speech(packets: list[bytes]) -> float:
+        decoder = av.CodecContext.create("libopus", "r")
+        decoder.layout = "mono"
+        out = np.concatenate([f.to_ndarray().ravel() for p in packets for f in decoder.decode(av.Packet(p))])
+        received = out[::2].astype(np.float64)[speech.size + 24000 - 200 :]  # back to 24 kHz
+        sent = speech[:-400].astype(np.float64)
+        offset, _ = best_alignment(received, sent)
+        got = received[offset : offset + sent.size]
+        gain = np.dot(got, sent) / np.dot(sent, sent)
+        return float(10 * np.log10(np.dot(gain * sent, gain * sent) / np.sum((got - gain * sent) ** 2)))
+
+    memo, reference = VoiceOpusEncoder(), VoiceOpusEncoder()
+    reference._encode_pcm = reference._opus.encode  # libopus for every frame
+    ours, theirs = encode_all(memo), encode_all(reference)
+    assert memo.encoded <= len(ours) - (50 - SILENCE_SETTLE_FRAMES - 2)  # most of the silent second skipped libopus
+    silent = slice(speech.size // 480 + SILENCE_SETTLE_FRAMES + 2, (speech.size + 24000) // 480 - 1)
+    assert len(set(ours[silent])) == 1 and set(ours[silent]) == set(theirs[silent])  # libopus's own silence packet
+    assert abs(snr_of_second_speech(ours) - snr_of_second_speech(theirs)) < 0.1
