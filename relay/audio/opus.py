@@ -6,7 +6,8 @@ directly, libopus decodes straight to 24 kHz mono (~35 us a packet, against ~60 
 encodes 24 kHz audio (~60 us at complexity 5, against ~145 us plus ~25 us of resampling to 48 kHz). Opus carries
 any of its rates in the same RTP stream (48 kHz RTP clock, RFC 7587), so nothing changes on the wire.
 
-The library is the system's libopus if there is one (Debian: libopus0), else the copy bundled in PyAV's wheel.
+The library is the system's libopus if there is one (Debian: libopus0; 1.3.1 in bookworm encodes ~20 % faster here
+than the 1.6.1 in PyAV's wheel), else the copy bundled in PyAV's wheel.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import ctypes
 import ctypes.util
 import glob
 import os
+import weakref
 
 RATE = 24000
 FRAME_SAMPLES = RATE // 50  # 20 ms
@@ -79,6 +81,7 @@ class Encoder:
         error = ctypes.c_int()
         self._state = _lib.opus_encoder_create(RATE, 1, _APPLICATIONS[application], ctypes.byref(error))
         _check(error.value, "opus_encoder_create")
+        weakref.finalize(self, _lib.opus_encoder_destroy, self._state)  # also safe at interpreter exit
         for request, value in ((_SET_BITRATE, bitrate), (_SET_COMPLEXITY, complexity), (_SET_VBR, 1),
                                (_SET_VBR_CONSTRAINT, int(constrained_vbr))):
             _check(_lib.opus_encoder_ctl(self._state, request, value), f"opus_encoder_ctl({request})")
@@ -88,12 +91,7 @@ class Encoder:
         if len(pcm) != FRAME_SAMPLES * 2:
             raise ValueError(f"expected {FRAME_SAMPLES * 2} bytes (20 ms of 24 kHz mono PCM16), got {len(pcm)}")
         size = _check(_lib.opus_encode(self._state, pcm, FRAME_SAMPLES, self._out, MAX_PACKET_BYTES), "opus_encode")
-        return self._out.raw[:size]
-
-    def __del__(self) -> None:
-        if getattr(self, "_state", None):
-            _lib.opus_encoder_destroy(self._state)
-            self._state = None
+        return ctypes.string_at(self._out, size)
 
 
 class Decoder:
@@ -103,6 +101,7 @@ class Decoder:
         error = ctypes.c_int()
         self._state = _lib.opus_decoder_create(RATE, 1, ctypes.byref(error))
         _check(error.value, "opus_decoder_create")
+        weakref.finalize(self, _lib.opus_decoder_destroy, self._state)
         self._out = ctypes.create_string_buffer(MAX_FRAME_SAMPLES * 2)
 
     def decode(self, payload: bytes) -> bytes:
@@ -111,9 +110,4 @@ class Decoder:
             raise OpusError("opus_decode: empty packet")
         samples = _check(_lib.opus_decode(self._state, payload, len(payload), self._out, MAX_FRAME_SAMPLES, 0),
                          "opus_decode")
-        return self._out.raw[: samples * 2]
-
-    def __del__(self) -> None:
-        if getattr(self, "_state", None):
-            _lib.opus_decoder_destroy(self._state)
-            self._state = None
+        return ctypes.string_at(self._out, samples * 2)
