@@ -1,7 +1,8 @@
 """Capacity ramp: full-duplex calls with continuous speech, added step by step until frames come out late.
 
 The target runs pinned (one core for one worker); load processes, pinned to the other CPUs, each add --ramp-step
-calls that send pre-encoded speech in a loop and only count what comes back (so the load generator stays cheap).
+calls that send pre-encoded speech in a loop and only count the packets that come back (so the load generator
+stays cheap: see count_received_rtp_only).
 After each step has warmed up, one window is measured:
 
 - late frames: from the target's RTP probe (bench/probe): frames that left > 20 ms after their schedule. The
@@ -171,6 +172,20 @@ def report(results: dict) -> str:
     return "\n".join(rows)
 
 
+def count_received_rtp_only() -> None:
+    """Load processes only: after decryption, received RTP is counted and dropped, not parsed and routed to a
+    receiver (aiortc's Python path for it costs the load generator about as much CPU as the relay spends on a
+    packet). RTCP and DTLS keep aiortc's own handling."""
+    from aiortc.rtcdtlstransport import RTCDtlsTransport
+
+    async def _handle_rtp_data(self, data: bytes, arrival_time_ms: int) -> None:
+        log = getattr(self, "bench_log", None)
+        if log is not None:
+            log.times.append(time.monotonic())
+
+    RTCDtlsTransport._handle_rtp_data = _handle_rtp_data
+
+
 async def run_load(url: str, calls: int) -> None:
     """A load process: `calls` peers sending pre-encoded speech until standard input closes."""
     import aiohttp
@@ -181,6 +196,7 @@ async def run_load(url: str, calls: int) -> None:
     from relay.webrtc.aiortc_internals import restrict_host_addresses
 
     restrict_host_addresses(["127.0.0.1"])
+    count_received_rtp_only()
     packets = encode_opus(np.concatenate([speech(), np.zeros(24000, "<i2")]))
     # A connection per offer, as separate clients have: with several relay workers, the kernel spreads
     # connections (SO_REUSEPORT), so one kept-alive connection would put every call on one worker.
@@ -188,6 +204,8 @@ async def run_load(url: str, calls: int) -> None:
     async with aiohttp.ClientSession(connector=connector) as http, asyncio.timeout(90):
         peers = await asyncio.gather(*(connect(url, PrecodedVoice(packets), decode=False, http=http)
                                        for _ in range(calls)))
+        for peer in peers:
+            peer.pc.getTransceivers()[0].receiver.transport.bench_log = peer.log
         while not all(peer.log.times for peer in peers):
             await asyncio.sleep(0.05)
     async with aiohttp.ClientSession():

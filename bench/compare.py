@@ -5,8 +5,8 @@
 
 Processes: two simulators (an echo one that returns every appended chunk at once, and a normal one that answers
 turns and can be interrupted), each target in turn (pinned to CPU 0, with the RTP timing probe of bench/probe),
-and client peers (this process and load processes, pinned to the other CPUs; simulators and load at nice 10, as
-stand-ins for other machines). The targets:
+and client peers (this process and load processes, pinned to the other CPUs; simulators and load as SCHED_IDLE
+processes, stand-ins for other machines). The targets:
 
 - direct: a bare aiortc echo peer (stock aiortc), the baseline with no relay and no upstream;
 - relay: `relay serve --workers 1` (and, for the scaling ramps, 1 and 2 workers sharing every core with the load);

@@ -74,6 +74,14 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
     _setup_logging(settings.log_level)
+    if settings.tools:
+        from relay.tools import Toolbox, ToolError
+
+        try:
+            Toolbox.load(settings.tools)  # here, so a bad module stops the start, not every worker in a loop
+        except ToolError as exc:
+            print(f"relay: tools ({Settings.env_name('tools')}): {exc}", file=sys.stderr)
+            return 2
     if settings.workers > 1 and "RELAY_WORKER_INDEX" not in os.environ:
         from relay.server.workers import run_master  # the master stays small: no aiortc, no PyAV
 

@@ -77,6 +77,16 @@ class Settings(BaseModel):
         True, description="flush the model's audio when the user starts speaking (false: keep talking through)"
     )
     reorder_window: int = Field(2, ge=0, le=16, description="packets the inbound audio may wait for a late packet")
+    tools: list[str] = Field(
+        default_factory=list,
+        description="comma-separated Python modules whose @tool functions the relay runs for the model "
+        "(e.g. relay.tools.examples)",
+    )
+    tool_timeout_s: float = Field(10.0, gt=0, description="how long a server-side tool may run")
+    history_dir: str | None = Field(
+        None, description="directory for one JSON Lines transcript file per call, <call_id>.jsonl (default: none; "
+        "transcripts of the last 1000 calls stay in memory)",
+    )
     prices: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_PRICES),
         description="USD per million tokens, JSON, for cost estimates: "
@@ -98,9 +108,14 @@ class Settings(BaseModel):
             return {**DEFAULT_PRICES, **value}
         return value
 
-    @field_validator("ice_addresses", mode="before")
+    @field_validator("ice_addresses", "tools", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:
+                return json.loads(value)  # a JSON list (how a worker process is handed its settings)
+            except ValueError as exc:
+                raise ValueError(f"must be a comma-separated list or a JSON list: {exc}") from None
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value

@@ -41,7 +41,14 @@ class ToUpstream:
     event: dict[str, Any]
 
 
-Action = ToClient | ToUpstream
+@dataclass
+class RunTools:
+    """Run these calls to the relay's own tools (call_id, name, arguments), then hand the outputs to tool_outputs."""
+
+    calls: list[tuple[str, str, str]]
+
+
+Action = ToClient | ToUpstream | RunTools
 
 
 @dataclass
@@ -83,8 +90,10 @@ def _response_id(event: dict[str, Any]) -> str | None:
 
 
 class CallCore:
-    def __init__(self, interruptions: bool = True, max_playout_frames: int = 30_000) -> None:
+    def __init__(self, interruptions: bool = True, max_playout_frames: int = 30_000,
+                 server_tools: list[dict[str, Any]] | None = None) -> None:
         self.interruptions = interruptions  # the operator's setting
+        self.server_tools = server_tools or []  # definitions of the tools the relay runs itself
         self.max_playout_frames = max_playout_frames
         self.stats = CallStats()
         self._interrupt_response = True  # the session's own turn_detection.interrupt_response, as upstream says
@@ -99,6 +108,11 @@ class CallCore:
         self._ticks = 0  # the playout clock: 20 ms a tick
         self._arrivals: deque[tuple[int, float]] = deque()  # (tick, ms of audio) over the last window
 
+    @property
+    def idle(self) -> bool:
+        """No reply being generated or played."""
+        return not self._queue and self._playing is None and self._active_response is None
+
     # --- upstream -> relay -------------------------------------------------------------------------------------
 
     def on_server_event(self, event: dict[str, Any]) -> list[Action]:
@@ -112,6 +126,7 @@ class CallCore:
             self._active_response = _response_id(event)
         elif kind == "response.done":
             actions += self._response_done(_response_id(event))
+            actions += self._server_tool_calls(event.get("response"))
         elif kind in ("session.created", "session.updated"):
             self._follow_session(event.get("session"))
         elif kind == "input_audio_buffer.speech_started" and self.interruptions and self._interrupt_response:
@@ -133,6 +148,27 @@ class CallCore:
             self._done.add(response_id)
             return self._maybe_stopped(response_id)
         return []
+
+    def _server_tool_calls(self, response: Any) -> list[Action]:
+        """The finished calls in this response to tools the relay runs (the others are the client's)."""
+        names = {t["name"] for t in self.server_tools}
+        output = response.get("output") if isinstance(response, dict) else None
+        calls = [
+            (item["call_id"], item["name"], item.get("arguments") if isinstance(item.get("arguments"), str) else "")
+            for item in (output if isinstance(output, list) else [])
+            if isinstance(item, dict) and item.get("type") == "function_call" and item.get("name") in names
+            and isinstance(item.get("call_id"), str) and item.get("status", "completed") == "completed"
+        ]
+        return [RunTools(calls)] if calls else []
+
+    def tool_outputs(self, outputs: list[tuple[str, str]]) -> list[Action]:
+        """The relay's tools have answered (call_id, output): give the model their outputs, then ask it to go on."""
+        actions: list[Action] = [
+            ToUpstream(self.own_event("conversation.item.create",
+                                      item={"type": "function_call_output", "call_id": call_id, "output": output}))
+            for call_id, output in outputs
+        ]
+        return actions + [ToUpstream(self.own_event("response.create"))]
 
     def _follow_session(self, session: Any) -> None:
         """Over WebRTC the server owns playout: it flushes on speech only when the session says so."""
@@ -236,13 +272,13 @@ class CallCore:
         self._queue.clear()
         actions: list[Action] = []
         if self._active_response is not None:
-            actions.append(ToUpstream(self._own("response.cancel")))
+            actions.append(ToUpstream(self.own_event("response.cancel")))
         for item in [i for i in self._items.values() if i.response_id in responses]:
             if item.response_id in self._done and item.queued_frames == 0 and item.heard_ms >= item.received_ms:
                 continue  # fully heard: nothing to correct
             if item.heard_ms > 0:
                 self.stats.truncations += 1
-                actions.append(ToUpstream(self._own(
+                actions.append(ToUpstream(self.own_event(
                     "conversation.item.truncate", item_id=item.item_id, content_index=0, audio_end_ms=item.heard_ms
                 )))
                 # OpenAI drops a truncated item's transcript; only the relay knows how much of the audio it has
@@ -253,7 +289,7 @@ class CallCore:
                 )))
             else:
                 self.stats.deletions += 1
-                actions.append(ToUpstream(self._own("conversation.item.delete", item_id=item.item_id)))
+                actions.append(ToUpstream(self.own_event("conversation.item.delete", item_id=item.item_id)))
         if had_audio:
             cleared = self._playing or self._active_response or next(iter(responses))
             actions.append(ToClient(_event("output_audio_buffer.cleared", response_id=cleared)))
@@ -299,6 +335,9 @@ class CallCore:
         if not isinstance(session, dict):
             return False
         changed = _force_formats(session)
+        if self.server_tools and "tools" in session:
+            session["tools"] = with_tools(session["tools"], self.server_tools)  # the client's list replaces all
+            changed = True
         turn_detection = _path(session, "audio", "input").get("turn_detection")
         if not self.interruptions and isinstance(turn_detection, dict) and turn_detection.get("interrupt_response") is not False:
             turn_detection["interrupt_response"] = False
@@ -307,7 +346,8 @@ class CallCore:
 
     # --- relay-originated upstream events ----------------------------------------------------------------------
 
-    def _own(self, event_type: str, **fields: Any) -> dict[str, Any]:
+    def own_event(self, event_type: str, **fields: Any) -> dict[str, Any]:
+        """An event the relay sends upstream on its own; errors it causes are not passed to the client."""
         event_id = new_id(RELAY_EVENT_PREFIX + "evt")
         self._own_event_ids.append(event_id)
         return {"type": event_type, "event_id": event_id, **fields}
@@ -315,6 +355,15 @@ class CallCore:
     def _is_own(self, error_event: dict[str, Any]) -> bool:
         error = error_event.get("error")
         return isinstance(error, dict) and error.get("event_id") in self._own_event_ids
+
+
+def with_tools(session_tools: Any, own: list[dict[str, Any]]) -> list[Any]:
+    """A session's tools with the relay's own added; where a name clashes, the relay's definition stays (the relay
+    runs the calls to that name)."""
+    names = {t["name"] for t in own}
+    kept = [t for t in session_tools if not (isinstance(t, dict) and t.get("name") in names)] \
+        if isinstance(session_tools, list) else []
+    return kept + own
 
 
 def _path(container: dict[str, Any], *keys: str) -> dict[str, Any]:

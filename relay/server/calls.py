@@ -13,8 +13,10 @@ import binascii
 import contextlib
 import json
 import logging
+import re
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import websockets
@@ -24,7 +26,9 @@ from aiortc.exceptions import InvalidStateError
 
 from relay.audio.convert import FRAME_BYTES_24K, Chunker
 from relay.config import Settings
-from relay.core.call import Action, CallCore, ToClient, error_event
+from relay.core.call import Action, CallCore, RunTools, ToClient, error_event
+from relay.core.history import History
+from relay.tools import ToolContext, Toolbox
 from relay.protocol import new_id
 from relay.upstream.client import UpstreamError, open_upstream
 from relay.server.workers import Worker, routing_middleware
@@ -56,12 +60,15 @@ def error_response(status: int, code: str, message: str, error_type: str = "inva
 
 class Call:
     def __init__(self, settings: Settings, target: UpstreamTarget, on_closed: Callable[["Call"], None],
-                 call_id: str | None = None) -> None:
+                 call_id: str | None = None, toolbox: Toolbox | None = None) -> None:
         self.id = call_id or new_id("rtc")
         self.settings = settings
         self.target = target
         self._on_closed = on_closed
-        self.core = CallCore(interruptions=settings.interruptions)
+        self.toolbox = toolbox or Toolbox([])
+        self.core = CallCore(interruptions=settings.interruptions, server_tools=self.toolbox.definitions())
+        self.history = History(settings.prices)
+        self._history_log = Path(settings.history_dir) / f"{self.id}.jsonl" if settings.history_dir else None
         self.inbound = InboundAudio(self._to_upstream_audio, reorder_window=settings.reorder_window)
         self.track = PlayoutTrack(self._next_frame)
         self.pc: RTCPeerConnection | None = None
@@ -87,7 +94,8 @@ class Call:
     async def start(self, offer_sdp: str, session: dict[str, Any] | None) -> str:
         """Negotiate with the client and open the upstream, concurrently; return the answer SDP."""
         upstream = asyncio.create_task(open_upstream(
-            self.target, session, self.settings.upstream_timeout_s, keep_talking=not self.settings.interruptions
+            self.target, session, self.settings.upstream_timeout_s, keep_talking=not self.settings.interruptions,
+            tools=self.core.server_tools,
         ))
         try:
             answer = await self._negotiate(offer_sdp)
@@ -151,6 +159,9 @@ class Call:
             else:
                 actions, upstream_text = self.core.on_client_event(message)
                 self._dispatch(actions)
+                if upstream_text is not None and '"conversation.item.create"' in upstream_text:
+                    self.history.on_client_event(json.loads(upstream_text))  # the core has checked it is JSON
+                    self._save_history()
                 if upstream_text is not None and not self._to_upstream(upstream_text):
                     self._to_client(error_event("relay_backlog_full", "The model service is not keeping up: event refused."))
         except Exception:
@@ -249,6 +260,10 @@ class Call:
                 self._to_client_text(text)  # forwarded as received: no re-serialising
             else:
                 self._dispatch([action])
+        usage = self.history.on_server_event(event)
+        if usage is not None:
+            self._to_client(usage)
+        self._save_history()
 
     def _on_audio_delta(self, event: dict[str, Any]) -> None:
         response_id, item_id = event.get("response_id"), event.get("item_id")
@@ -278,9 +293,51 @@ class Call:
     def _dispatch(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, ToClient):
+                if action.event["type"] == "relay.item.truncated":
+                    event = action.event
+                    self.history.on_truncated(event["item_id"], event["audio_end_ms"], event["audio_received_ms"])
+                    self._save_history()
                 self._to_client(action.event)
+            elif isinstance(action, RunTools):
+                self._spawn(self._run_tools(action.calls), "tools")
             else:
+                if action.event["type"] == "conversation.item.create":
+                    self.history.on_client_event(action.event)  # a tool's output, in the transcript
+                    self._save_history()
                 self._to_upstream(json.dumps(action.event, separators=(",", ":")), budgeted=False)
+
+    async def _run_tools(self, calls: list[tuple[str, str, str]]) -> None:
+        context = ToolContext(self.id, self._end_after_reply)
+        timeout = self.settings.tool_timeout_s
+        outputs = await asyncio.gather(*(self.toolbox.call(name, arguments, context, timeout)
+                                         for _, name, arguments in calls))
+        self._dispatch(self.core.tool_outputs([(call_id, out) for (call_id, _, _), out in zip(calls, outputs)]))
+
+    def _end_after_reply(self) -> None:
+        """A tool asked to end the call: let the model's next reply (its goodbye) play out first."""
+        async def end() -> None:
+            busy_seen, started = False, time.monotonic()
+            while time.monotonic() - started < 30:
+                await asyncio.sleep(0.1)
+                busy_seen = busy_seen or not self.core.idle
+                if self.core.idle and (busy_seen or time.monotonic() - started > 5):
+                    break
+            self.close_soon("ended by a tool")
+
+        self._spawn(end(), "end-call")
+
+    def _save_history(self) -> None:
+        """Append new transcript entries to the call's log file, if there is one. A failing disk costs the log,
+        never the call."""
+        entries = self.history.take_new()
+        if not entries or self._history_log is None:
+            return
+        try:
+            with self._history_log.open("a", encoding="utf-8") as log_file:
+                log_file.write("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries))
+        except OSError as exc:
+            log.warning("call %s: transcript log disabled: %s", self.id, exc)
+            self._history_log = None
 
     # --- lifetime ----------------------------------------------------------------------------------------------
 
@@ -339,6 +396,10 @@ CALLS: web.AppKey[dict[str, Call]] = web.AppKey("calls")
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 TARGET: web.AppKey[UpstreamTarget] = web.AppKey("upstream")
 SHUTTING_DOWN: web.AppKey[asyncio.Event] = web.AppKey("shutting_down")
+ENDED: web.AppKey["OrderedDict[str, History]"] = web.AppKey("ended")  # the last calls' transcripts, newest last
+ENDED_KEPT = 1000
+TOOLBOX: web.AppKey[Toolbox] = web.AppKey("toolbox")
+CALL_ID = re.compile(r"rtc_[A-Za-z0-9]{1,64}")
 WORKER: web.AppKey[Worker] = web.AppKey("worker")
 
 
@@ -416,7 +477,8 @@ async def create_call(request: web.Request) -> web.Response:
     except SignalingError as exc:
         return error_response(exc.status, exc.code, exc.message)
     call_id = request.app[WORKER].call_id(new_id("rtc"))  # says which worker owns it
-    call = Call(settings, request.app[TARGET], on_closed=lambda c: calls.pop(c.id, None), call_id=call_id)
+    call = Call(settings, request.app[TARGET], on_closed=lambda c: _ended(request.app, c), call_id=call_id,
+                toolbox=request.app[TOOLBOX])
     try:
         answer = await call.start(offer, session)
     except SignalingError as exc:
@@ -442,6 +504,40 @@ async def create_call(request: web.Request) -> web.Response:
         status=201, text=answer, content_type="application/sdp",
         headers={"Location": f"/v1/realtime/calls/{call.id}"},
     )
+
+
+def _ended(app: web.Application, call: Call) -> None:
+    app[CALLS].pop(call.id, None)
+    ended = app[ENDED]
+    ended[call.id] = call.history
+    while len(ended) > ENDED_KEPT:
+        ended.popitem(last=False)
+
+
+async def transcript(request: web.Request) -> web.Response:
+    """The call's conversation as text, with its usage: live while it runs, then from memory (the last
+    ENDED_KEPT calls) or from its JSON Lines log."""
+    call_id = request.match_info["call_id"]
+    call = request.app[CALLS].get(call_id)
+    if call is not None:
+        return web.json_response({"call_id": call_id, "status": "active", **call.history.snapshot()})
+    history = request.app[ENDED].get(call_id)
+    directory = request.app[SETTINGS].history_dir
+    if history is None and directory and CALL_ID.fullmatch(call_id):
+        path = Path(directory) / f"{call_id}.jsonl"
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            lines = []
+        if lines:
+            records = []
+            for line in lines:
+                with contextlib.suppress(ValueError):
+                    records.append(json.loads(line))
+            history = History.from_log(records, request.app[SETTINGS].prices)
+    if history is None:
+        return error_response(404, "call_not_found", "No such call, or its transcript is no longer kept.")
+    return web.json_response({"call_id": call_id, "status": "ended", **history.snapshot()})
 
 
 def _call_or_404(request: web.Request) -> Call | web.Response:
@@ -479,7 +575,12 @@ def add_call_routes(app: web.Application, settings: Settings, target: UpstreamTa
     app.middlewares.append(routing_middleware(worker, CALLS))
     app[CALLS] = {}
     app[SHUTTING_DOWN] = asyncio.Event()
+    app[ENDED] = OrderedDict()
+    app[TOOLBOX] = Toolbox.load(settings.tools)
+    if settings.history_dir:
+        Path(settings.history_dir).mkdir(parents=True, exist_ok=True)
     app.router.add_post("/v1/realtime/calls", create_call)
+    app.router.add_get("/v1/realtime/calls/{call_id}/transcript", transcript)
     app.router.add_post("/v1/realtime/calls/{call_id}/hangup", hangup)
     app.router.add_delete("/v1/realtime/calls/{call_id}", delete_call)
     app.on_shutdown.append(close_all_calls)

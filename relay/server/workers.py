@@ -127,7 +127,6 @@ def _child_env(settings: Settings, port: int, index: int, count: int, sockets: P
         if name in ("openai_api_key", "upstream_api_key") or value is None:
             continue
         env[Settings.env_name(name)] = value if isinstance(value, str) else json.dumps(value)
-    env["RELAY_ICE_ADDRESSES"] = ",".join(settings.ice_addresses)
     env |= {"RELAY_PORT": str(port), "RELAY_WORKERS": "1", "RELAY_WORKER_INDEX": str(index),
             "RELAY_WORKER_COUNT": str(count), "RELAY_WORKER_SOCKETS": str(sockets)}
     return env

@@ -14,6 +14,7 @@ from typing import Any
 
 import websockets
 
+from relay.core.call import with_tools
 from relay.upstream.target import UpstreamTarget
 
 log = logging.getLogger("relay.upstream")
@@ -32,7 +33,8 @@ class UpstreamError(Exception):
 
 
 async def open_upstream(
-    target: UpstreamTarget, session: dict[str, Any] | None, timeout: float, keep_talking: bool = False
+    target: UpstreamTarget, session: dict[str, Any] | None, timeout: float, keep_talking: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[websockets.ClientConnection, list[str]]:
     """Connect and prepare the session. Returns the socket and the events for the client (JSON text, forwarded
     once its data channel opens): one `session.created` carrying the effective session, as OpenAI's WebRTC
@@ -41,7 +43,9 @@ async def open_upstream(
     answer to its own first update.
 
     `keep_talking`: the operator wants the model to talk through interruptions, so the session's turn detection
-    gets `interrupt_response: false` before the call starts (the service's default is true)."""
+    gets `interrupt_response: false` before the call starts (the service's default is true).
+
+    `tools`: the relay's own tools, added to the session's (replacing any of the same name)."""
     assert target.url is not None
     try:
         ws = await asyncio.wait_for(
@@ -73,6 +77,10 @@ async def open_upstream(
         if keep_talking and isinstance(turn_detection, dict) and turn_detection.get("interrupt_response") is not False:
             update = {"type": "realtime", "audio": {"input": {"turn_detection": {**turn_detection, "interrupt_response": False}}}}
             await ws.send(json.dumps({"type": "session.update", "event_id": "relay_keep_talking", "session": update}))
+            effective = (await _expect(ws, "session.updated", others, timeout)).get("session") or effective
+        if tools:
+            update = {"type": "realtime", "tools": with_tools(effective.get("tools"), tools)}
+            await ws.send(json.dumps({"type": "session.update", "event_id": "relay_tools", "session": update}))
             effective = (await _expect(ws, "session.updated", others, timeout)).get("session") or effective
         return ws, [json.dumps({**created, "session": effective}), *others]
     except BaseException:

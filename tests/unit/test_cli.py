@@ -89,6 +89,13 @@ def test_serve_bad_port_exits_2_naming_port():
     assert "Traceback" not in result.stderr
 
 
+def test_serve_with_a_tools_module_that_does_not_import_exits_2_naming_it():
+    result = run_relay([sys.executable, "-m", "relay"], "serve", "--port", "0", "--tools", "tests.no_such_tools")
+    assert result.returncode == 2
+    assert "RELAY_TOOLS" in result.stderr and "tests.no_such_tools" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_simulator_bad_knob_value_exits_2():
     result = run_relay([sys.executable, "-m", "relay"], "simulator", "--speed", "fast")
     assert result.returncode == 2

@@ -1,0 +1,175 @@
+"""One call's conversation as text, and what it cost, sans-I/O.
+
+Fed the upstream's events, the client's events and the relay's own truncations, it keeps:
+- the user's turns (input transcriptions, and text messages a client adds);
+- the model's turns as the user heard them: an audio transcript is cut where the user interrupted (the relay knows
+  how much of the item's audio was played; the words are cut in proportion, the full text is kept beside);
+- tool calls and their outputs;
+- token usage from every `response.done`, with an estimated cost from the configured prices.
+
+Each new entry is also handed out once by `take_new()`, for an append-only log (one JSON Lines file per call).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.protocol import new_id
+
+USAGE_FIELDS = ("audio_input", "cached_audio_input", "text_input", "cached_text_input", "audio_output", "text_output")
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def usage_tokens(usage: Any) -> dict[str, int]:
+    """A Realtime `usage` object as the six billed kinds of token (cached input counted apart, not twice)."""
+    usage = _dict(usage)
+    given = _dict(usage.get("input_token_details"))
+    cached = _dict(given.get("cached_tokens_details"))
+    out = _dict(usage.get("output_token_details"))
+    cached_audio, cached_text = _count(cached.get("audio_tokens")), _count(cached.get("text_tokens"))
+    return {
+        "audio_input": max(0, _count(given.get("audio_tokens")) - cached_audio),
+        "cached_audio_input": cached_audio,
+        "text_input": max(0, _count(given.get("text_tokens")) - cached_text),
+        "cached_text_input": cached_text,
+        "audio_output": _count(out.get("audio_tokens")),
+        "text_output": _count(out.get("text_tokens")),
+    }
+
+
+def cost_usd(tokens: dict[str, int], prices: dict[str, float]) -> float:
+    return sum(tokens.get(kind, 0) * prices.get(kind, 0.0) for kind in USAGE_FIELDS) / 1e6
+
+
+@dataclass
+class Usage:
+    responses: int = 0
+    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(USAGE_FIELDS, 0))
+    cost_usd: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"responses": self.responses, "tokens": dict(self.tokens),
+                "input_tokens": sum(v for k, v in self.tokens.items() if k.endswith("input")),
+                "output_tokens": sum(v for k, v in self.tokens.items() if k.endswith("output")),
+                "cost_usd": round(self.cost_usd, 6)}
+
+
+class History:
+    def __init__(self, prices: dict[str, float], clock=time.time) -> None:
+        self.entries: list[dict[str, Any]] = []
+        self.usage = Usage()
+        self._prices = prices
+        self._clock = clock
+        self._new: list[dict[str, Any]] = []
+        self._heard: dict[str, tuple[int, int]] = {}  # item_id -> (audio_end_ms, audio_received_ms)
+        self._by_item: dict[str, dict[str, Any]] = {}  # assistant entries, to cut one when it is interrupted
+
+    # --- what goes in ------------------------------------------------------------------------------------------
+
+    def on_server_event(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        """Record what this event says; returns a `relay.usage` event for the client after a `response.done`."""
+        kind = event.get("type")
+        if kind == "conversation.item.input_audio_transcription.completed":
+            self._add({"role": "user", "type": "message", "item_id": event.get("item_id"),
+                       "text": event.get("transcript") if isinstance(event.get("transcript"), str) else ""})
+        elif kind == "response.output_audio_transcript.done":
+            self._assistant(event.get("item_id"), event.get("transcript"), audio=True)
+        elif kind == "response.output_text.done":
+            self._assistant(event.get("item_id"), event.get("text"), audio=False)
+        elif kind == "response.function_call_arguments.done":
+            self._add({"role": "assistant", "type": "function_call", "item_id": event.get("item_id"),
+                       "call_id": event.get("call_id"), "name": event.get("name"),
+                       "arguments": event.get("arguments")})
+        elif kind == "response.done":
+            return self._usage(_dict(event.get("response")))
+        return None
+
+    def on_client_event(self, event: dict[str, Any]) -> None:
+        """A client's `conversation.item.create`: a typed message or a tool's output."""
+        if event.get("type") != "conversation.item.create":
+            return
+        item = _dict(event.get("item"))
+        if item.get("type") == "function_call_output":
+            self._add({"role": "tool", "type": "function_call_output", "call_id": item.get("call_id"),
+                       "output": item.get("output")})
+        elif item.get("type") == "message" and item.get("role") in ("user", "system"):
+            text = " ".join(part.get("text", "") for part in item.get("content", []) if isinstance(part, dict)
+                            and isinstance(part.get("text"), str)) if isinstance(item.get("content"), list) else ""
+            self._add({"role": item["role"], "type": "message", "item_id": item.get("id"), "text": text})
+
+    def on_truncated(self, item_id: str, audio_end_ms: int, audio_received_ms: int) -> None:
+        """The user heard only `audio_end_ms` of the item's audio (the relay's own `relay.item.truncated`)."""
+        self._heard[item_id] = (audio_end_ms, audio_received_ms)
+        entry = self._by_item.get(item_id)
+        if entry is not None:
+            self._cut(entry)
+
+    def take_new(self) -> list[dict[str, Any]]:
+        new, self._new = self._new, []
+        return new
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"entries": list(self.entries), "usage": self.usage.as_dict()}
+
+    @classmethod
+    def from_log(cls, lines: list[dict[str, Any]], prices: dict[str, float]) -> "History":
+        """A history read back from its JSON Lines log (an entry logged again after a correction: the later wins)."""
+        history = cls(prices)
+        by_seq = {line["seq"]: line for line in lines if isinstance(line, dict) and isinstance(line.get("seq"), int)}
+        history.entries = [by_seq[seq] for seq in sorted(by_seq)]
+        for entry in history.entries:
+            if entry.get("type") == "usage" and isinstance(entry.get("tokens"), dict):
+                history.usage.responses += 1
+                for kind in USAGE_FIELDS:
+                    history.usage.tokens[kind] += _count(entry["tokens"].get(kind))
+                history.usage.cost_usd += cost_usd(entry["tokens"], prices)
+        return history
+
+    # --- inside ------------------------------------------------------------------------------------------------
+
+    def _add(self, entry: dict[str, Any]) -> dict[str, Any]:
+        entry = {"seq": len(self.entries), "at": round(self._clock(), 3), **entry}
+        self.entries.append(entry)
+        self._new.append(entry)
+        return entry
+
+    def _assistant(self, item_id: Any, text: Any, audio: bool) -> None:
+        entry = self._add({"role": "assistant", "type": "message", "item_id": item_id,
+                           "text": text if isinstance(text, str) else "", "audio": audio})
+        if audio and isinstance(item_id, str):
+            self._by_item[item_id] = entry
+            if item_id in self._heard:
+                self._cut(entry)
+
+    def _cut(self, entry: dict[str, Any]) -> None:
+        """Keep the words the user heard: as many, in proportion, as the audio played of the audio received."""
+        heard_ms, received_ms = self._heard[entry["item_id"]]
+        full = entry.get("full_text", entry["text"])
+        words = full.split()
+        keep = len(words) if received_ms <= 0 else round(len(words) * min(1.0, heard_ms / received_ms))
+        entry.update(text=" ".join(words[:keep]), full_text=full, heard_ms=heard_ms, interrupted=True)
+        if entry not in self._new:
+            self._new.append(entry)  # the log gets the corrected entry again (same seq: the later line wins)
+
+    def _usage(self, response: dict[str, Any]) -> dict[str, Any] | None:
+        if not isinstance(response.get("usage"), dict):
+            return None
+        tokens = usage_tokens(response["usage"])
+        cost = cost_usd(tokens, self._prices)
+        self.usage.responses += 1
+        for kind, count in tokens.items():
+            self.usage.tokens[kind] += count
+        self.usage.cost_usd += cost
+        self._add({"role": "relay", "type": "usage", "response_id": response.get("id"), "tokens": tokens,
+                   "cost_usd": round(cost, 6)})
+        return {"type": "relay.usage", "event_id": new_id("event"), "response_id": response.get("id"),
+                "tokens": tokens, "cost_usd": round(cost, 6), "total": self.usage.as_dict()}
