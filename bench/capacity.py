@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -45,9 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Load:
     """One load process: `calls` client peers against `url`."""
 
-    def __init__(self, url: str, calls: int, cpus: str | None, work: Path, index: int) -> None:
+    def __init__(self, url: str, calls: int, cpus: str | None, work: Path, name: str) -> None:
         self.calls = calls
-        log = (work / f"load-{index}.log").open("w")
+        log = (work / f"{name}.log").open("w")
         self.process = subprocess.Popen(
             stand_in(pinned(cpus, [sys.executable, str(Path(__file__)), "--load", url, "--calls", str(calls)])),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=ROOT, text=True)
@@ -88,7 +89,7 @@ def ramp(stack: Stack, target: Target, args: argparse.Namespace, load_cpus: str 
     steps = []
     try:
         while sum(load.calls for load in loads) < args.max_calls:
-            loads.append(Load(target.offer_url, args.ramp_step, load_cpus, stack.work, len(loads)))
+            loads.append(Load(target.offer_url, args.ramp_step, load_cpus, stack.work, f"load-{target.name}-{len(loads)}"))
             if not loads[-1].wait_up():
                 steps.append({"calls": sum(load.calls for load in loads), "failed": "calls did not come up"})
                 break
@@ -135,24 +136,56 @@ def ramp(stack: Stack, target: Target, args: argparse.Namespace, load_cpus: str 
             "idle_rss_mb": idle["rss"] / 2**20, "reached_max": bool(steps) and steps[-1] in passed}
 
 
-# (label, target, its CPUs, workers, the load's CPUs). Per core: the target alone on CPU 0, the load elsewhere.
-# Scaling: 1 and then 2 workers on the same footing, everything sharing the machine's cores.
+# (label, target, workers, CPU share per worker process). Every target is pinned to CPU 0, the load to the others.
+# Scaling on a 2-core machine whose second core the load generator needs: 1 and then 2 workers, each worker held
+# to half a core (cgroup CPU quota), so 2 workers have twice the CPU of 1, as N workers have N cores in production.
 RAMPS = (
-    ("relay, 1 worker on 1 core", "relay", "0", 1, "others"),
-    ("pipecat on 1 core", "pipecat", "0", 1, "others"),
-    ("relay, 1 worker, all cores shared", "relay", None, 1, None),
-    ("relay, 2 workers, all cores shared", "relay", None, 2, None),
+    ("relay, 1 worker, 1 core", "relay", 1, None),
+    ("pipecat, 1 core", "pipecat", 1, None),
+    ("relay, 1 worker, half a core", "relay", 1, 0.5),
+    ("relay, 2 workers, half a core each", "relay", 2, 0.5),
 )
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")  # cgroup v1's cpu controller (this machine's); v2 would need cpu.max
+
+
+def cap_cpu(pids: list[int], share: float) -> list[Path]:
+    """Each process in its own cgroup, allowed `share` of a core. The period is 10 ms, so a process that has used
+    its share waits at most ~5 ms (a 100 ms period would stall it for 50 ms: every frame late)."""
+    groups = []
+    for pid in pids:
+        group = CGROUP_CPU / f"relay-bench-{pid}"
+        group.mkdir()
+        (group / "cpu.cfs_period_us").write_text("10000")
+        (group / "cpu.cfs_quota_us").write_text(str(int(10000 * share)))
+        (group / "cgroup.procs").write_text(str(pid))
+        groups.append(group)
+    return groups
+
+
+def remove_groups(groups: list[Path]) -> None:
+    for group in groups:
+        try:
+            group.rmdir()  # empty once its process has exited
+        except OSError as exc:
+            print(f"  could not remove {group}: {exc}", flush=True)
 
 
 async def ramps(stack: Stack, echo: str, args: argparse.Namespace) -> dict:
     out = {}
-    for name, kind, cpus, workers, load_cpus in RAMPS:
+    for name, kind, workers, share in RAMPS:
+        if share is not None and not os.access(CGROUP_CPU, os.W_OK):
+            print(f"[{name}] skipped: needs a writable cgroup v1 cpu controller at {CGROUP_CPU} (root)", flush=True)
+            continue
         print(f"[{name}] capacity ramp ...", flush=True)
-        target = stack.target(kind, echo, cpus=cpus, workers=workers)
-        load = other_cpus() if load_cpus == "others" else None
-        out[name] = await asyncio.to_thread(ramp, stack, target, args, load)
-        stack.stop(target.process)
+        target = stack.target(kind, echo, cpus="0", workers=workers)
+        pids = target.pids()
+        groups = cap_cpu(pids[1:] if workers > 1 else pids[:1], share) if share is not None else []
+        try:
+            out[name] = await asyncio.to_thread(ramp, stack, target, args, other_cpus())
+            out[name]["workers"], out[name]["cpu_share_per_worker"] = workers, share
+        finally:
+            stack.stop(target.process)
+            remove_groups(groups)
     return out
 
 

@@ -6,10 +6,18 @@ import asyncio
 import json
 
 import aiohttp
+import pytest
 
 from tests.audio_checks import tone
-from tests.integration.test_webrtc_call import HELLO48, Relay, _ended, _serve, relay, relay_settings  # noqa: F401
+from tests.integration.test_webrtc_call import HELLO48, Relay, _ended, _serve, relay_settings
 from tests.webrtc_client import call_relay, silence48
+
+@pytest.fixture
+async def relay(simulator):
+    app, runner, url = await _serve(relay_settings(simulator.url + "?model=gpt-realtime"))
+    yield Relay(app, url, simulator)
+    await runner.cleanup()
+
 
 TRANSCRIBED = {"type": "realtime", "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}}}
 
