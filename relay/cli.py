@@ -166,6 +166,51 @@ def _simulator(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- relay analyze ----------------------------------------------------------------------------------------------
+
+
+def _add_analyze(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "analyze",
+        help="per turn, the gap from the end of the user's speech to the start of the model's, in a call recording",
+        description="Read a recording made with RELAY_RECORDINGS_DIR (stereo: the user left, the model right, one "
+        "clock) and print, per user turn, when the user stopped, when the model started, and the gap between them: "
+        "the speech-to-speech latency as the relay saw it.",
+    )
+    parser.add_argument("file", help="a <call_id>.wav recording")
+    parser.set_defaults(handler=_analyze)
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    import wave
+
+    import numpy as np
+
+    from relay.core.recording import turns
+
+    try:
+        with wave.open(args.file) as wav:
+            if (wav.getnchannels(), wav.getsampwidth()) != (2, 2):
+                print(f"relay: {args.file}: not a relay recording (stereo 16-bit expected)", file=sys.stderr)
+                return 2
+            rate = wav.getframerate()
+            stereo = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+    except (OSError, EOFError, wave.Error) as exc:
+        print(f"relay: {args.file}: {exc}", file=sys.stderr)
+        return 2
+    found = turns(stereo, rate)
+    print(f"{args.file}: {stereo.size / 2 / rate:.1f} s, {len(found)} user turns")
+    print("turn  user stopped  model started  gap")
+    for index, turn in enumerate(found, 1):
+        started = f"{turn.model_start_s:10.2f} s" if turn.model_start_s is not None else "         —  "
+        gap = f"{turn.gap_ms:6.0f} ms" if turn.gap_ms is not None else "     —"
+        print(f"{index:4d}  {turn.user_end_s:10.2f} s  {started}  {gap}")
+    gaps = [t.gap_ms for t in found if t.gap_ms is not None]
+    if gaps:
+        print(f"median gap {float(np.median(gaps)):.0f} ms over {len(gaps)} answered turns")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relay",
@@ -176,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_serve(commands)
     _add_simulator(commands)
+    _add_analyze(commands)
     return parser
 
 

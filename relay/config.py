@@ -83,6 +83,10 @@ class Settings(BaseModel):
         "(e.g. relay.tools.examples)",
     )
     tool_timeout_s: float = Field(10.0, gt=0, description="how long a server-side tool may run")
+    recordings_dir: str | None = Field(
+        None, description="directory for one stereo WAV per call, <call_id>.wav: the user left as received, the model "
+        "right as sent, on one clock (default: none, no recording)",
+    )
     history_dir: str | None = Field(
         None, description="directory for one JSON Lines transcript file per call, <call_id>.jsonl (default: none; "
         "transcripts of the last 1000 calls stay in memory)",

@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import time
+import wave
 from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -28,6 +29,7 @@ from relay.audio.convert import FRAME_BYTES_24K, Chunker
 from relay.config import Settings
 from relay.core.call import Action, CallCore, RunTools, ToClient, error_event
 from relay.core.history import History
+from relay.core.recording import RATE as RECORDING_RATE, StereoTimeline
 from relay.tools import ToolContext, Toolbox
 from relay.protocol import new_id
 from relay.upstream.client import UpstreamError, open_upstream
@@ -69,6 +71,8 @@ class Call:
         self.core = CallCore(interruptions=settings.interruptions, server_tools=self.toolbox.definitions())
         self.history = History(settings.prices)
         self._history_log = Path(settings.history_dir) / f"{self.id}.jsonl" if settings.history_dir else None
+        self.recording = StereoTimeline(time.monotonic()) if settings.recordings_dir else None
+        self._wav: wave.Wave_write | None = None
         self.inbound = InboundAudio(self._to_upstream_audio, reorder_window=settings.reorder_window)
         self.track = PlayoutTrack(self._next_frame)
         self.pc: RTCPeerConnection | None = None
@@ -111,6 +115,8 @@ class Call:
         self._spawn(self._read_upstream(), "upstream-reader")
         self._spawn(self._write_upstream(), "upstream-writer")
         self._spawn(self._watch(), "watchdog")
+        if self.recording is not None:
+            self._spawn(self._keep_recording(), "recording")
         return answer
 
     async def _negotiate(self, offer_sdp: str) -> str:
@@ -204,6 +210,8 @@ class Call:
         text = '{"type":"input_audio_buffer.append","audio":"' + base64.b64encode(pcm24).decode() + '"}'
         if not self._to_upstream(text):
             self.dropped_audio_chunks += 1
+        if self.recording is not None:
+            self.recording.on_user_audio(pcm24, time.monotonic())
 
     def _to_upstream(self, text: str, budgeted: bool = True) -> bool:
         """Queue for the upstream writer. The client's audio and events must fit the byte budget (False: refused);
@@ -220,6 +228,8 @@ class Call:
         frame, actions = self.core.tick()
         if actions:
             self._dispatch(actions)
+        if self.recording is not None:
+            self.recording.on_model_frame(frame, time.monotonic())
         return frame
 
     # --- upstream side -----------------------------------------------------------------------------------------
@@ -339,6 +349,33 @@ class Call:
             log.warning("call %s: transcript log disabled: %s", self.id, exc)
             self._history_log = None
 
+    async def _keep_recording(self) -> None:
+        """Write the recording out once a second (off the event loop); a failing disk costs the recording only."""
+        path = Path(self.settings.recordings_dir) / f"{self.id}.wav"
+        try:
+            self._wav = await asyncio.to_thread(_open_stereo_wav, path)
+            while True:
+                await asyncio.sleep(1.0)
+                await asyncio.to_thread(self._wav.writeframes, self.recording.take())
+        except OSError as exc:
+            log.warning("call %s: recording stopped: %s", self.id, exc)
+            self.recording = None
+
+    async def _finish_recording(self) -> None:
+        if self._wav is None:
+            return
+        wav, self._wav = self._wav, None
+        rest = self.recording.take(final=True) if self.recording is not None else b""
+
+        def finish() -> None:
+            wav.writeframes(rest)
+            wav.close()  # writes the final sizes into the header
+
+        try:
+            await asyncio.to_thread(finish)
+        except OSError as exc:
+            log.warning("call %s: recording not finished: %s", self.id, exc)
+
     # --- lifetime ----------------------------------------------------------------------------------------------
 
     async def _watch(self) -> None:
@@ -381,6 +418,7 @@ class Call:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self._finish_recording()
             self.track.stop()
             if self.pc is not None:
                 await self.pc.close()
@@ -577,13 +615,22 @@ def add_call_routes(app: web.Application, settings: Settings, target: UpstreamTa
     app[SHUTTING_DOWN] = asyncio.Event()
     app[ENDED] = OrderedDict()
     app[TOOLBOX] = Toolbox.load(settings.tools)
-    if settings.history_dir:
-        Path(settings.history_dir).mkdir(parents=True, exist_ok=True)
+    for directory in (settings.history_dir, settings.recordings_dir):
+        if directory:
+            Path(directory).mkdir(parents=True, exist_ok=True)
     app.router.add_post("/v1/realtime/calls", create_call)
     app.router.add_get("/v1/realtime/calls/{call_id}/transcript", transcript)
     app.router.add_post("/v1/realtime/calls/{call_id}/hangup", hangup)
     app.router.add_delete("/v1/realtime/calls/{call_id}", delete_call)
     app.on_shutdown.append(close_all_calls)
+
+
+def _open_stereo_wav(path: Path) -> wave.Wave_write:
+    wav = wave.open(str(path), "wb")
+    wav.setnchannels(2)
+    wav.setsampwidth(2)
+    wav.setframerate(RECORDING_RATE)
+    return wav
 
 
 def _drop_item_audio(event: dict[str, Any]) -> bool:

@@ -1,0 +1,106 @@
+"""A call's audio on one clock, sans-I/O: the user on the left as the relay received it, the model on the right as
+the relay sent it, and the measure practitioners use on such a recording (the gap from the end of the user's speech
+to the start of the model's).
+
+Each piece of audio is placed by the time it was handed over: the user's when its packet arrived (it ends then), the
+model's when its frame left (it starts then). Consecutive pieces are laid end to end; only a real gap (over 60 ms,
+a pause in the stream or a stall) is filled with silence, so packet jitter does not chop the audio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+RATE = 24000
+GAP_SLACK_S = 0.060
+
+
+class _Channel:
+    def __init__(self) -> None:
+        self.pcm = bytearray()  # placed and not yet taken
+        self.end = 0  # the sample after the last one placed, counted from the start of the call
+
+    def place(self, pcm: bytes, start: int) -> None:
+        if start > self.end + GAP_SLACK_S * RATE:
+            self.pcm += bytes((start - self.end) * 2)  # a real gap: silence
+            self.end = start
+        self.pcm += pcm
+        self.end += len(pcm) // 2
+
+
+class StereoTimeline:
+    def __init__(self, start: float) -> None:
+        self._start = start
+        self._user, self._model = _Channel(), _Channel()
+
+    def on_user_audio(self, pcm24: bytes, now: float) -> None:
+        """Audio from the user that arrived at `now` (so it ended then)."""
+        samples = len(pcm24) // 2
+        self._user.place(pcm24[: samples * 2], self._sample(now) - samples)
+
+    def on_model_frame(self, pcm24: bytes | None, now: float, frame_samples: int = 480) -> None:
+        """The frame the model's track sent at `now` (None: silence)."""
+        self._model.place(pcm24 if pcm24 is not None else bytes(frame_samples * 2), self._sample(now))
+
+    def take(self, final: bool = False) -> bytes:
+        """Interleaved stereo PCM16 of everything both channels have covered (`final`: everything, the shorter
+        channel padded with silence)."""
+        left, right = self._user.pcm, self._model.pcm
+        count = (max if final else min)(len(left), len(right)) // 2
+        if count == 0:
+            return b""
+        out = np.zeros(count * 2, dtype="<i2")
+        for channel, buffer in ((0, left), (1, right)):
+            have = min(count, len(buffer) // 2)
+            out[channel : have * 2 : 2] = np.frombuffer(buffer, dtype="<i2", count=have)
+            del buffer[: have * 2]
+        return out.tobytes()
+
+    def _sample(self, now: float) -> int:
+        return max(0, round((now - self._start) * RATE))
+
+
+# --- the measure -------------------------------------------------------------------------------------------------
+
+WINDOW_MS = 10
+SPEECH_DB = -40.0
+TURN_SILENCE_MS = 500  # a pause this long ends a turn
+
+
+@dataclass
+class Turn:
+    user_end_s: float  # the end of the user's speech
+    model_start_s: float | None  # the start of the model's next speech (None: it did not speak before the next turn)
+
+    @property
+    def gap_ms(self) -> float | None:
+        return None if self.model_start_s is None else (self.model_start_s - self.user_end_s) * 1000
+
+
+def _speech_runs(samples: np.ndarray, rate: int) -> list[tuple[float, float]]:
+    """(start, end) seconds of speech: 10 ms windows over SPEECH_DB, pauses under TURN_SILENCE_MS bridged."""
+    size = rate * WINDOW_MS // 1000
+    windows = samples[: samples.size // size * size].astype(np.float64).reshape(-1, size)
+    loud = 10 * np.log10(np.mean(windows**2, axis=1) / 32768**2 + 1e-12) > SPEECH_DB
+    runs: list[list[float]] = []
+    for index in np.nonzero(loud)[0]:
+        start, end = index * WINDOW_MS / 1000, (index + 1) * WINDOW_MS / 1000
+        if runs and start - runs[-1][1] < TURN_SILENCE_MS / 1000:
+            runs[-1][1] = end
+        else:
+            runs.append([start, end])
+    return [(a, b) for a, b in runs]
+
+
+def turns(stereo: np.ndarray, rate: int = RATE) -> list[Turn]:
+    """Per user turn: when the user stopped and when the model started answering (its first speech after that,
+    before the user's next turn)."""
+    user, model = _speech_runs(stereo[0::2], rate), _speech_runs(stereo[1::2], rate)
+    out = []
+    for index, (_, user_end) in enumerate(user):
+        next_user = user[index + 1][0] if index + 1 < len(user) else float("inf")
+        start = next((a for a, _ in model if user_end <= a < next_user), None)
+        out.append(Turn(user_end, start))
+    return out
