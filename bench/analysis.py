@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any, Coroutine
+
 import numpy as np
 
 MARKER_MS = 60
@@ -88,3 +91,13 @@ def summary(values_s: list[float]) -> str:
     if not ms:
         return "no samples"
     return f"p50 {percentile(ms, 50):7.2f} ms   p99 {percentile(ms, 99):7.2f} ms   (n={len(ms)})"
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run a benchmark's main coroutine on uvloop (as the relay runs), or asyncio's loop where there is none."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)

@@ -47,7 +47,7 @@ from relay.webrtc import inbound as inbound_module  # noqa: E402
 from relay.webrtc.aiortc_internals import restrict_host_addresses  # noqa: E402
 from tests.webrtc_client import ClientCall, Microphone, call_relay  # noqa: E402
 from bench.analysis import (  # noqa: E402
-    MARKER_MS, fidelity_db, marker, onsets, pair_arrivals, percentile, speech, summary, tone)
+    MARKER_MS, fidelity_db, marker, onsets, pair_arrivals, percentile, run, speech, summary, tone)
 from tests.audio_checks import loud_ms  # noqa: E402
 
 MARKER_EVERY_S = 1.0
@@ -261,9 +261,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
+    run(main())

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import capacity  # noqa: E402
 from bench.analysis import (  # noqa: E402
-    fidelity_db, level_db, marker, onsets, pair_arrivals, percentile, speech, tone)
+    fidelity_db, level_db, marker, onsets, pair_arrivals, percentile, run, speech, tone)
 from bench.peers import BenchCall, connect  # noqa: E402
 from bench.stack import Stack, Target, other_cpus  # noqa: E402
 from relay.webrtc.aiortc_internals import restrict_host_addresses  # noqa: E402
@@ -271,9 +271,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
+    run(main())

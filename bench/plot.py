@@ -42,11 +42,7 @@ def latency(results: dict, out: Path) -> Path:
         ax.set_ylabel("fraction ≤ x")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "latency-distributions.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "latency-distributions.png")
 
 
 def capacity(ramps: dict, out: Path) -> Path:
@@ -67,8 +63,11 @@ def capacity(ramps: dict, out: Path) -> Path:
         ax.set_xlabel("concurrent full-duplex calls")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return _save(fig, out / "capacity-ramp.png")
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    path = out / "capacity-ramp.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -133,7 +133,8 @@ def strip_candidates(sdp: str) -> str:
 
 
 async def call_relay(base_url: str, mutate_offer: Callable[[str], str] = lambda s: s,
-                     session: dict[str, Any] | None = None, http: aiohttp.ClientSession | None = None) -> ClientCall:
+                     session: dict[str, Any] | None = None, http: aiohttp.ClientSession | None = None,
+                     resume: str | None = None) -> ClientCall:
     """Connect a client peer to the relay; raises AssertionError with the body if it does not answer 201."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     channel = pc.createDataChannel("oai-events")
@@ -167,13 +168,15 @@ async def call_relay(base_url: str, mutate_offer: Callable[[str], str] = lambda 
     owned = http is None
     http = http or aiohttp.ClientSession()
     try:
+        params = {"resume": resume} if resume else None
         if session is None:
-            request = http.post(f"{base_url}/v1/realtime/calls", data=sdp, headers={"Content-Type": "application/sdp"})
+            request = http.post(f"{base_url}/v1/realtime/calls", data=sdp, params=params,
+                                headers={"Content-Type": "application/sdp"})
         else:
             form = aiohttp.FormData()
             form.add_field("sdp", sdp, content_type="application/sdp")
             form.add_field("session", json.dumps(session), content_type="application/json")
-            request = http.post(f"{base_url}/v1/realtime/calls", data=form)
+            request = http.post(f"{base_url}/v1/realtime/calls", data=form, params=params)
         async with request as response:
             body = await response.text()
             if response.status != 201:

@@ -18,7 +18,8 @@ import glob
 import os
 import weakref
 
-RATE = 24000
+RATE = 24000  # the relay's rate: the upstream's
+RATES = (8000, 12000, 16000, 24000, 48000)  # what libopus codes directly
 FRAME_SAMPLES = RATE // 50  # 20 ms
 MAX_PACKET_BYTES = 1500
 MAX_FRAME_SAMPLES = RATE * 120 // 1000  # the longest Opus packet: 120 ms
@@ -74,12 +75,16 @@ def _check(code: int, what: str) -> int:
 
 
 class Encoder:
-    """20 ms frames of 24 kHz mono PCM16 (960 bytes) to Opus packets."""
+    """20 ms frames of mono PCM16 (at 24 kHz: 960 bytes; any of RATES) to Opus packets."""
 
     def __init__(self, bitrate: int = 48000, complexity: int = 5, application: str = "audio",
-                 constrained_vbr: bool = True) -> None:
+                 constrained_vbr: bool = True, rate: int = RATE) -> None:
+        if rate not in RATES:
+            raise ValueError(f"libopus codes {RATES} Hz, not {rate}")
+        self.rate = rate
+        self._frame_samples = rate // 50
         error = ctypes.c_int()
-        self._state = _lib.opus_encoder_create(RATE, 1, _APPLICATIONS[application], ctypes.byref(error))
+        self._state = _lib.opus_encoder_create(rate, 1, _APPLICATIONS[application], ctypes.byref(error))
         _check(error.value, "opus_encoder_create")
         weakref.finalize(self, _lib.opus_encoder_destroy, self._state)  # also safe at interpreter exit
         for request, value in ((_SET_BITRATE, bitrate), (_SET_COMPLEXITY, complexity), (_SET_VBR, 1),
@@ -88,9 +93,11 @@ class Encoder:
         self._out = ctypes.create_string_buffer(MAX_PACKET_BYTES)
 
     def encode(self, pcm: bytes) -> bytes:
-        if len(pcm) != FRAME_SAMPLES * 2:
-            raise ValueError(f"expected {FRAME_SAMPLES * 2} bytes (20 ms of 24 kHz mono PCM16), got {len(pcm)}")
-        size = _check(_lib.opus_encode(self._state, pcm, FRAME_SAMPLES, self._out, MAX_PACKET_BYTES), "opus_encode")
+        if len(pcm) != self._frame_samples * 2:
+            raise ValueError(f"expected {self._frame_samples * 2} bytes (20 ms of {self.rate} Hz mono PCM16), "
+                             f"got {len(pcm)}")
+        size = _check(_lib.opus_encode(self._state, pcm, self._frame_samples, self._out, MAX_PACKET_BYTES),
+                      "opus_encode")
         return ctypes.string_at(self._out, size)
 
 

@@ -12,6 +12,7 @@ Each new entry is also handed out once by `take_new()`, for an append-only log (
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,6 +120,40 @@ class History:
 
     def snapshot(self) -> dict[str, Any]:
         return {"entries": list(self.entries), "usage": self.usage.as_dict()}
+
+    @classmethod
+    def resuming(cls, earlier: "History", from_call: str, prices: dict[str, float]) -> "History":
+        """A new call's history that begins with an earlier call's conversation (its usage stays with it)."""
+        history = cls(prices)
+        for entry in earlier.entries:
+            if entry.get("type") != "usage":
+                history._add({k: v for k, v in entry.items() if k not in ("seq", "resumed_from")}
+                             | {"resumed_from": entry.get("resumed_from", from_call)})
+        return history
+
+    def replay_items(self) -> list[dict[str, Any]]:
+        """The conversation as Realtime items, to give a new upstream session: text for speech (the way to carry
+        a conversation into a new session), the heard part of interrupted replies, tool calls and outputs."""
+        items: list[dict[str, Any]] = []
+        for entry in self.entries:
+            kind, role, text = entry.get("type"), entry.get("role"), entry.get("text")
+            if kind == "message" and role in ("user", "system") and text:
+                items.append({"type": "message", "role": role, "content": [{"type": "input_text", "text": text}]})
+            elif kind == "message" and role == "assistant" and text:
+                items.append({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]})
+            elif kind == "function_call" and isinstance(entry.get("name"), str) and isinstance(entry.get("call_id"), str):
+                items.append({"type": "function_call", "call_id": entry["call_id"], "name": entry["name"],
+                              "arguments": entry.get("arguments") if isinstance(entry.get("arguments"), str) else "{}"})
+            elif kind == "function_call_output" and isinstance(entry.get("call_id"), str):
+                output = entry.get("output")
+                items.append({"type": "function_call_output", "call_id": entry["call_id"],
+                              "output": output if isinstance(output, str) else json.dumps(output)})
+        return items
+
+    @classmethod
+    def from_snapshot(cls, snapshot: dict[str, Any], prices: dict[str, float]) -> "History":
+        """A history as another worker served it (GET …/transcript)."""
+        return cls.from_log(snapshot.get("entries") or [], prices)
 
     @classmethod
     def from_log(cls, lines: list[dict[str, Any]], prices: dict[str, float]) -> "History":

@@ -3,8 +3,11 @@ the relay sent it, and the measure practitioners use on such a recording (the ga
 to the start of the model's).
 
 Each piece of audio is placed by the time it was handed over: the user's when its packet arrived (it ends then), the
-model's when its frame left (it starts then). Consecutive pieces are laid end to end; only a real gap (over 60 ms,
-a pause in the stream or a stall) is filled with silence, so packet jitter does not chop the audio.
+model's when its frame left (it starts then). Consecutive pieces are laid end to end unless a piece comes more than
+10 ms after the end of the last: then silence fills the gap, so small shortfalls cannot add up to a drift (measured:
+with a 60 ms allowance, the user's side ran ~40 ms early after 2 s of a real call). A run of pieces
+is anchored on its first piece; when a later piece shows that the first came late (it arrived earlier than its
+place in the run), the run moves earlier into the silence before it, so one late packet does not shift the rest.
 """
 
 from __future__ import annotations
@@ -14,20 +17,38 @@ from dataclasses import dataclass
 import numpy as np
 
 RATE = 24000
-GAP_SLACK_S = 0.060
+GAP_SLACK_S = 0.010
+HOLD_S = 0.100  # the newest audio is not handed out yet: a run may still move earlier into the silence before it
 
 
 class _Channel:
     def __init__(self) -> None:
         self.pcm = bytearray()  # placed and not yet taken
         self.end = 0  # the sample after the last one placed, counted from the start of the call
+        self._run_at = 0  # where the current run begins in `pcm` (samples)
+        self._movable = 0  # silence just before the run, still in `pcm`, that the run may move into
 
     def place(self, pcm: bytes, start: int) -> None:
         if start > self.end + GAP_SLACK_S * RATE:
-            self.pcm += bytes((start - self.end) * 2)  # a real gap: silence
+            silence = start - self.end  # a real gap
+            self.pcm += bytes(silence * 2)
             self.end = start
+            self._run_at, self._movable = len(self.pcm) // 2, silence
+        elif start < self.end and self._movable:
+            shift = min(self.end - start, self._movable)  # the run's first piece came late: move the run earlier
+            del self.pcm[(self._run_at - shift) * 2 : self._run_at * 2]
+            self._run_at -= shift
+            self._movable -= shift
+            self.end -= shift
         self.pcm += pcm
         self.end += len(pcm) // 2
+
+    def consumed(self, samples: int) -> None:
+        """`samples` left `pcm` from the front: what was written can no longer move."""
+        self._run_at -= samples
+        if self._run_at < 0:
+            self._run_at, self._movable = 0, 0
+        self._movable = min(self._movable, self._run_at)
 
 
 class StereoTimeline:
@@ -45,17 +66,18 @@ class StereoTimeline:
         self._model.place(pcm24 if pcm24 is not None else bytes(frame_samples * 2), self._sample(now))
 
     def take(self, final: bool = False) -> bytes:
-        """Interleaved stereo PCM16 of everything both channels have covered (`final`: everything, the shorter
-        channel padded with silence)."""
-        left, right = self._user.pcm, self._model.pcm
-        count = (max if final else min)(len(left), len(right)) // 2
-        if count == 0:
+        """Interleaved stereo PCM16 of what both channels have covered, less the last HOLD_S (`final`: everything,
+        the shorter channel padded with silence)."""
+        left, right = len(self._user.pcm) // 2, len(self._model.pcm) // 2
+        count = max(left, right) if final else min(left, right) - int(HOLD_S * RATE)
+        if count <= 0:
             return b""
         out = np.zeros(count * 2, dtype="<i2")
-        for channel, buffer in ((0, left), (1, right)):
-            have = min(count, len(buffer) // 2)
-            out[channel : have * 2 : 2] = np.frombuffer(buffer, dtype="<i2", count=have)
-            del buffer[: have * 2]
+        for index, channel in enumerate((self._user, self._model)):
+            have = min(count, len(channel.pcm) // 2)
+            out[index : have * 2 : 2] = np.frombuffer(channel.pcm, dtype="<i2", count=have)
+            del channel.pcm[: have * 2]
+            channel.consumed(have)
         return out.tobytes()
 
     def _sample(self, now: float) -> int:

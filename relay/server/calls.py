@@ -33,7 +33,7 @@ from relay.core.recording import RATE as RECORDING_RATE, StereoTimeline
 from relay.tools import ToolContext, Toolbox
 from relay.protocol import new_id
 from relay.upstream.client import UpstreamError, open_upstream
-from relay.server.workers import Worker, routing_middleware
+from relay.server.workers import Worker, ask_worker, routing_middleware
 from relay.upstream.target import UpstreamTarget
 from relay.webrtc.aiortc_internals import install_packet_tap
 from relay.webrtc.inbound import InboundAudio
@@ -112,6 +112,8 @@ class Call:
             raise
         for text in initial_events:
             self._on_upstream_text(text)  # through the core, which learns the session from them
+        for item in self.history.replay_items():  # a resumed conversation, as text, before the user speaks
+            self._dispatch_upstream(self.core.own_event("conversation.item.create", item=item))
         self._spawn(self._read_upstream(), "upstream-reader")
         self._spawn(self._write_upstream(), "upstream-writer")
         self._spawn(self._watch(), "watchdog")
@@ -314,7 +316,10 @@ class Call:
                 if action.event["type"] == "conversation.item.create":
                     self.history.on_client_event(action.event)  # a tool's output, in the transcript
                     self._save_history()
-                self._to_upstream(json.dumps(action.event, separators=(",", ":")), budgeted=False)
+                self._dispatch_upstream(action.event)
+
+    def _dispatch_upstream(self, event: dict[str, Any]) -> None:
+        self._to_upstream(json.dumps(event, separators=(",", ":")), budgeted=False)
 
     async def _run_tools(self, calls: list[tuple[str, str, str]]) -> None:
         context = ToolContext(self.id, self._end_after_reply)
@@ -514,9 +519,17 @@ async def create_call(request: web.Request) -> web.Response:
         offer, session = await read_offer(request, settings.max_sdp_bytes)
     except SignalingError as exc:
         return error_response(exc.status, exc.code, exc.message)
+    resume = request.query.get("resume")
+    earlier = await _history_to_resume(request.app, resume) if resume is not None else None
+    if resume is not None and earlier is None:
+        return error_response(404, "call_not_found", "No conversation is kept for that call id, so it cannot be "
+                              "resumed (transcripts outlive a call in memory for the last calls only; set "
+                              "RELAY_HISTORY_DIR to keep them).", param="resume")
     call_id = request.app[WORKER].call_id(new_id("rtc"))  # says which worker owns it
     call = Call(settings, request.app[TARGET], on_closed=lambda c: _ended(request.app, c), call_id=call_id,
                 toolbox=request.app[TOOLBOX])
+    if earlier is not None:
+        call.history = History.resuming(earlier, resume, settings.prices)
     try:
         answer = await call.start(offer, session)
     except SignalingError as exc:
@@ -552,30 +565,50 @@ def _ended(app: web.Application, call: Call) -> None:
         ended.popitem(last=False)
 
 
+def _kept_history(app: web.Application, call_id: str) -> tuple[History | None, str]:
+    """This worker's history of a call, live or ended, else the one in RELAY_HISTORY_DIR: (history, status)."""
+    call = app[CALLS].get(call_id)
+    if call is not None:
+        return call.history, "active"
+    history = app[ENDED].get(call_id)
+    directory = app[SETTINGS].history_dir
+    if history is None and directory and CALL_ID.fullmatch(call_id):
+        try:
+            lines = (Path(directory) / f"{call_id}.jsonl").read_text(encoding="utf-8").splitlines()
+        except OSError:
+            lines = []
+        records = []
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+        if records:
+            history = History.from_log(records, app[SETTINGS].prices)
+    return history, "ended"
+
+
 async def transcript(request: web.Request) -> web.Response:
     """The call's conversation as text, with its usage: live while it runs, then from memory (the last
     ENDED_KEPT calls) or from its JSON Lines log."""
     call_id = request.match_info["call_id"]
-    call = request.app[CALLS].get(call_id)
-    if call is not None:
-        return web.json_response({"call_id": call_id, "status": "active", **call.history.snapshot()})
-    history = request.app[ENDED].get(call_id)
-    directory = request.app[SETTINGS].history_dir
-    if history is None and directory and CALL_ID.fullmatch(call_id):
-        path = Path(directory) / f"{call_id}.jsonl"
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except OSError:
-            lines = []
-        if lines:
-            records = []
-            for line in lines:
-                with contextlib.suppress(ValueError):
-                    records.append(json.loads(line))
-            history = History.from_log(records, request.app[SETTINGS].prices)
+    history, status = _kept_history(request.app, call_id)
     if history is None:
         return error_response(404, "call_not_found", "No such call, or its transcript is no longer kept.")
-    return web.json_response({"call_id": call_id, "status": "ended", **history.snapshot()})
+    return web.json_response({"call_id": call_id, "status": status, **history.snapshot()})
+
+
+async def _history_to_resume(app: web.Application, call_id: str) -> History | None:
+    """The history a new call resumes: this worker's, the log's, or the owning worker's (asked over its socket)."""
+    if not CALL_ID.fullmatch(call_id):
+        return None
+    history, _ = _kept_history(app, call_id)
+    worker = app[WORKER]
+    owner = Worker.owner(call_id)
+    if history is None and worker.count > 1 and owner is not None and owner != worker.index and owner < worker.count:
+        answer = await ask_worker(worker, owner, f"/v1/realtime/calls/{call_id}/transcript")
+        if answer is not None and answer[0] == 200:
+            with contextlib.suppress(ValueError, AttributeError):
+                history = History.from_snapshot(json.loads(answer[1]), app[SETTINGS].prices)
+    return history
 
 
 def _call_or_404(request: web.Request) -> Call | web.Response:

@@ -101,6 +101,17 @@ async def _forward(request: web.Request, path: Path) -> web.Response:
         return web.json_response(body, status=503)
 
 
+async def ask_worker(worker: Worker, index: int, path: str) -> tuple[int, bytes] | None:
+    """GET `path` from another worker over its socket: (status, body), or None if it does not answer."""
+    try:
+        async with ClientSession(connector=UnixConnector(path=str(worker.socket_path(index))),
+                                 timeout=FORWARD_TIMEOUT) as session:
+            async with session.get(f"http://worker{path}", headers={FORWARDED: "1"}) as response:
+                return response.status, await response.read()
+    except (OSError, ClientError, asyncio.TimeoutError):
+        return None
+
+
 # --- the master ------------------------------------------------------------------------------------------------
 
 

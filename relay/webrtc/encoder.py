@@ -31,14 +31,30 @@ def pcm_level_dbov(pcm: bytes) -> int:
     return round(max(-127.0, min(0.0, 10 * math.log10(power)))) if power > 0 else -127
 
 
+def _direct_pcm(frame: AudioFrame) -> bytes | None:
+    """The frame's audio as mono PCM16 when libopus can take it as it is: s16, 20 ms at an Opus rate, mono (or
+    stereo, averaged to mono); else None."""
+    rate, samples = frame.sample_rate, frame.samples
+    if frame.format.name != "s16" or rate not in opus.RATES or samples != rate // 50:
+        return None
+    channels = len(frame.layout.channels)
+    if channels == 1:
+        return bytes(frame.planes[0])[: samples * 2]
+    if channels == 2:
+        pair = np.frombuffer(frame.planes[0], dtype="<i2", count=samples * 2).reshape(-1, 2).astype(np.int32)
+        return ((pair[:, 0] + pair[:, 1]) // 2).astype("<i2").tobytes()
+    return None
+
+
 class VoiceOpusEncoder:
     """aiortc's Encoder interface: encode(frame, force_keyframe) -> (payloads, rtp timestamp)."""
 
     def __init__(self, bitrate: int = 48000, complexity: int = 5, application: str = "audio",
                  constrained_vbr: bool = True) -> None:
         # Constrained VBR: below complexity 7 libopus skips its analysis and plain VBR overshoots (~78 kb/s).
-        self._opus = opus.Encoder(bitrate, complexity, application, constrained_vbr)
-        self._resampler: AudioResampler | None = None  # only for frames that are not 20 ms of 24 kHz mono s16
+        self._settings = (bitrate, complexity, application, constrained_vbr)
+        self._opus = opus.Encoder(*self._settings)  # 24 kHz; remade once for a track at another Opus rate
+        self._resampler: AudioResampler | None = None  # only for frames libopus cannot take as they are
         self._packets = 0  # every packet is 20 ms: its RTP timestamp follows from the count
         self._silent_run = 0  # silent frames coded in a row, each to the packet below
         self._silent_packet = b""
@@ -50,18 +66,19 @@ class VoiceOpusEncoder:
 
     def encode_with_level(self, frame: AudioFrame) -> tuple[list[bytes], int | None, int | None]:
         """encode(), and the RFC 6465 level of the audio (None if nothing was encoded)."""
-        if (frame.layout.name, frame.sample_rate, frame.samples, frame.format.name) == ("mono", opus.RATE,
-                                                                                          opus.FRAME_SAMPLES, "s16"):
-            frames = [frame]
-        else:  # e.g. a 48 kHz stereo track: converted, as aiortc's encoder does
+        direct = _direct_pcm(frame)
+        if direct is not None:  # 20 ms at a rate libopus codes (the playout track's 24 kHz; a 48 kHz microphone)
+            if frame.sample_rate != self._opus.rate:
+                self._opus = opus.Encoder(*self._settings, rate=frame.sample_rate)
+            pcm = [direct]
+        else:  # anything else is converted (a resampler holds audio back: avoid it where possible)
             if self._resampler is None:
-                self._resampler = AudioResampler(format="s16", layout="mono", rate=opus.RATE,
-                                                 frame_size=opus.FRAME_SAMPLES)
+                self._resampler = AudioResampler(format="s16", layout="mono", rate=self._opus.rate,
+                                                 frame_size=self._opus.rate // 50)
             frame.pts = None  # the resampler needs no timing, and an input clock that jumps must not confuse it
-            frames = self._resampler.resample(frame)
-        if not frames:
+            pcm = [bytes(f.planes[0])[: f.samples * 2] for f in self._resampler.resample(frame)]
+        if not pcm:
             return [], None, None  # nothing yet (only while a resampler is filling its first frame)
-        pcm = [bytes(f.planes[0])[: opus.FRAME_SAMPLES * 2] for f in frames]
         payloads = [self._encode_pcm(p) for p in pcm]
         timestamp = self._packets * RTP_SAMPLES_PER_FRAME
         self._packets += len(payloads)

@@ -90,3 +90,43 @@ async def test_an_interrupted_reply_is_kept_as_heard(relay):
         assert len(reply["text"]) < len(reply["full_text"])
     finally:
         await call.close()
+
+
+async def test_a_new_call_resumes_an_earlier_conversation_as_text(simulator, tmp_path):
+    settings = relay_settings(simulator.url + "?model=gpt-realtime", history_dir=str(tmp_path))
+    app, runner, url = await _serve(settings)
+    try:
+        first = await call_relay(url, session=TRANSCRIBED)
+        try:
+            await first.wait_for("session.created")
+            first.send({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "My name is Ada."}]}})
+            first.send({"type": "response.create"})
+            await first.wait_for("relay.usage", timeout=15)
+        finally:
+            await first.close()
+        await _ended(Relay(app, url, simulator), first.call_id)
+        status, earlier = await _get(f"{url}/v1/realtime/calls/{first.call_id}/transcript")
+        said = [(e["role"], e["text"]) for e in earlier["entries"] if e["type"] == "message"]
+        assert said[0] == ("user", "My name is Ada.") and said[1][0] == "assistant"
+
+        second = await call_relay(f"{url}", resume=first.call_id)
+        try:
+            await second.wait_for("session.created")
+            replayed = await second.wait_for(lambda e: e["type"] == "conversation.item.done"
+                                             and e["item"].get("role") == "assistant", timeout=10)
+            assert replayed["item"]["content"][0]["text"] == said[1][1]
+        finally:
+            await second.close()
+        # The new upstream session was given the conversation, in order, as text items.
+        items = [e["item"] for e in simulator.recorder.sessions[-1].received if e.get("type") == "conversation.item.create"]
+        assert [(i["role"], i["content"][0]["text"]) for i in items] == said
+        status, resumed = await _get(f"{url}/v1/realtime/calls/{second.call_id}/transcript")
+        assert [(e["role"], e["text"]) for e in resumed["entries"] if e["type"] == "message"][:2] == said
+        assert resumed["entries"][0]["resumed_from"] == first.call_id and resumed["usage"]["responses"] == 0
+
+        for unknown in ("rtc_nothingkept", "../etc/passwd"):
+            with pytest.raises(AssertionError, match='relay answered 404: .*"param": "resume"'):
+                await call_relay(url, resume=unknown)
+    finally:
+        await runner.cleanup()

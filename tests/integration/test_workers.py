@@ -49,6 +49,29 @@ async def two_workers(simulator, tmp_path):
         await runner.cleanup()
 
 
+async def test_transcripts_and_resumes_reach_across_workers(two_workers, simulator):
+    apps, urls = two_workers
+    first = await call_relay(urls[1])  # owned by worker 1, no history directory: its transcript lives there only
+    try:
+        await first.wait_for("session.created")
+        first.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Remember 42."}]}})
+        await first.wait_for("conversation.item.done")
+    finally:
+        await first.close()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{urls[0]}/v1/realtime/calls/{first.call_id}/transcript") as response:  # via worker 0
+            assert response.status == 200
+            assert (await response.json())["entries"][0]["text"] == "Remember 42."
+    second = await call_relay(urls[0], resume=first.call_id)  # worker 0 asks worker 1 for the conversation
+    try:
+        assert Worker.owner(second.call_id) == 0
+        item = await second.wait_for(lambda e: e["type"] == "conversation.item.done", timeout=10)
+        assert item["item"]["content"][0]["text"] == "Remember 42."
+    finally:
+        await second.close()
+
+
 async def test_hangup_and_delete_reach_the_owning_worker(two_workers):
     apps, urls = two_workers
     async with aiohttp.ClientSession() as http:

@@ -206,14 +206,25 @@ def test_the_voice_encoder_settings_take_effect():
     assert sum(map(len, packets(bitrate=24000))) < sum(map(len, chosen)) * 0.7  # the bitrate setting is applied
 
 
-def test_the_voice_encoder_accepts_stereo_input():
+def test_the_voice_encoder_takes_other_tracks_without_holding_audio_back():
+    """A 48 kHz microphone (mono or stereo) is coded at its own rate: a packet for every frame, from the first (a
+    resampler would hold each frame back ~20 ms). Other shapes go through a resampler."""
     from relay.webrtc.encoder import VoiceOpusEncoder
 
+    tone = (np.sin(np.arange(960) * 2 * np.pi * 440 / 48000) * 8000).astype("<i2")
+    for layout, samples in (("mono", tone), ("stereo", np.repeat(tone, 2))):
+        encoder = VoiceOpusEncoder()
+        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout=layout)
+        frame.sample_rate = 48000
+        outputs = [encoder.encode(frame) for _ in range(3)]
+        assert [ts for _, ts in outputs] == [0, 960, 1920]  # one packet per frame, from the first
+        packet = outputs[-1][0][0]
+        assert packet[0] >> 3 == 31 and packet[0] & 0b100 == 0  # CELT fullband 20 ms, mono
+    odd = av.AudioFrame.from_ndarray(np.zeros((1, 441), "<i2"), format="s16", layout="mono")  # 10 ms at 44.1 kHz
+    odd.sample_rate = 44100
     encoder = VoiceOpusEncoder()
-    stereo = av.AudioFrame.from_ndarray(np.zeros((1, 1920), "<i2"), format="s16", layout="stereo")
-    stereo.sample_rate = 48000
-    outputs = [encoder.encode(stereo) for _ in range(3)]
-    assert any(payloads for payloads, _ in outputs)
+    outputs = [encoder.encode(odd) for _ in range(6)]
+    assert any(payloads for payloads, _ in outputs) and not outputs[0][0]  # resampled, after a first frame's wait
 
 
 def test_the_opus_binding_decodes_any_client_packet_to_24k_mono_and_survives_garbage():

@@ -53,6 +53,16 @@ def test_a_known_gap_is_measured_within_20_ms(jitter_ms):
     assert abs(turn.gap_ms - 730) <= 20
 
 
+def test_a_late_first_packet_does_not_shift_the_rest():
+    user = chunks(silence(200) + tone(1000) + silence(3000), 100.3)  # the user's packets start 300 ms in
+    # and the first arrive late (the loop was busy for 45 ms): in order, bunched, until the stream catches up.
+    user = [(t + max(0.0, 0.045 - 0.02 * i), pcm) for i, (t, pcm) in enumerate(user)]
+    reply = silence(500 + 1000 + 600) + tone(800) + silence(1100)
+    stereo = record(user, [(100.0 + i * 0.02, reply[i * 960 : (i + 1) * 960]) for i in range(len(reply) // 960)])
+    (turn,) = turns(stereo)
+    assert abs(turn.user_end_s - 1.5) <= 0.01 and abs(turn.gap_ms - 600) <= 10
+
+
 def test_a_pause_in_a_stream_is_kept_and_jitter_does_not_chop_the_audio():
     first, second = chunks(tone(400), 100.0, 10.0), chunks(tone(400), 101.0, 10.0, seed=2)  # 600 ms apart
     model = [(100.0 + i * 0.02, None) for i in range(75)]
