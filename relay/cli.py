@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from relay import __version__
@@ -74,6 +75,18 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
     _setup_logging(settings.log_level)
+    for name in ("history_dir", "recordings_dir"):
+        directory = getattr(settings, name)
+        if directory is None:
+            continue
+        try:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            if not os.access(directory, os.W_OK):
+                raise PermissionError("not writable")
+        except OSError as exc:
+            print(f"relay: {name} ({Settings.env_name(name)}): cannot use {directory}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
     if settings.tools:
         from relay.tools import Toolbox, ToolError
 

@@ -43,9 +43,12 @@ class ToUpstream:
 
 @dataclass
 class RunTools:
-    """Run these calls to the relay's own tools (call_id, name, arguments), then hand the outputs to tool_outputs."""
+    """Run these calls to the relay's own tools (call_id, name, arguments), then hand the outputs to tool_outputs.
+    `respond`: ask for the model's reply after them (not when the same response also called a client's tool: the
+    client answers that one and asks for the reply itself, as on OpenAI's interface)."""
 
     calls: list[tuple[str, str, str]]
+    respond: bool = True
 
 
 Action = ToClient | ToUpstream | RunTools
@@ -71,6 +74,7 @@ class ItemPlayout:
 
 @dataclass
 class CallStats:
+    responses_created: int = 0
     frames_played: int = 0
     silence_frames: int = 0
     leading_silence_skipped: int = 0
@@ -105,6 +109,7 @@ class CallCore:
         self._playing: str | None = None  # response whose output_audio_buffer.started went out
         self._flushed: set[str] = set()  # responses whose late audio must be dropped
         self._own_event_ids: deque[str] = deque(maxlen=256)
+        self._respond_when_done = False  # server tools answered while a response was under way
         self._ticks = 0  # the playout clock: 20 ms a tick
         self._arrivals: deque[tuple[int, float]] = deque()  # (tick, ms of audio) over the last window
 
@@ -124,6 +129,7 @@ class CallCore:
         actions: list[Action] = [ToClient(event)]
         if kind == "response.created":
             self._active_response = _response_id(event)
+            self.stats.responses_created += 1
         elif kind == "response.done":
             actions += self._response_done(_response_id(event))
             actions += self._server_tool_calls(event.get("response"))
@@ -139,8 +145,15 @@ class CallCore:
     def _response_done(self, response_id: str | None) -> list[Action]:
         if response_id is None:
             return []
+        actions: list[Action] = []
         if self._active_response == response_id:
             self._active_response = None
+            if self._respond_when_done:  # tool outputs waited for this response to end
+                self._respond_when_done = False
+                actions.append(ToUpstream(self.own_event("response.create")))
+        return actions + self._response_done_playout(response_id)
+
+    def _response_done_playout(self, response_id: str) -> list[Action]:
         if response_id in self._flushed:
             self._flushed.discard(response_id)  # response.done is its last event: no more audio to drop
             return []
@@ -153,22 +166,30 @@ class CallCore:
         """The finished calls in this response to tools the relay runs (the others are the client's)."""
         names = {t["name"] for t in self.server_tools}
         output = response.get("output") if isinstance(response, dict) else None
+        function_calls = [item for item in (output if isinstance(output, list) else [])
+                          if isinstance(item, dict) and item.get("type") == "function_call"]
         calls = [
             (item["call_id"], item["name"], item.get("arguments") if isinstance(item.get("arguments"), str) else "")
-            for item in (output if isinstance(output, list) else [])
-            if isinstance(item, dict) and item.get("type") == "function_call" and item.get("name") in names
-            and isinstance(item.get("call_id"), str) and item.get("status", "completed") == "completed"
+            for item in function_calls
+            if item.get("name") in names and isinstance(item.get("call_id"), str)
+            and item.get("status", "completed") == "completed"
         ]
-        return [RunTools(calls)] if calls else []
+        clients_too = any(item.get("name") not in names for item in function_calls)
+        return [RunTools(calls, respond=not clients_too)] if calls else []
 
-    def tool_outputs(self, outputs: list[tuple[str, str]]) -> list[Action]:
-        """The relay's tools have answered (call_id, output): give the model their outputs, then ask it to go on."""
+    def tool_outputs(self, outputs: list[tuple[str, str]], respond: bool = True) -> list[Action]:
+        """The relay's tools have answered (call_id, output): give the model their outputs, then ask it to go on
+        (once the response under way, if any, is done: a second one would be refused)."""
         actions: list[Action] = [
             ToUpstream(self.own_event("conversation.item.create",
                                       item={"type": "function_call_output", "call_id": call_id, "output": output}))
             for call_id, output in outputs
         ]
-        return actions + [ToUpstream(self.own_event("response.create"))]
+        if respond and self._active_response is None:
+            actions.append(ToUpstream(self.own_event("response.create")))
+        elif respond:
+            self._respond_when_done = True
+        return actions
 
     def _follow_session(self, session: Any) -> None:
         """Over WebRTC the server owns playout: it flushes on speech only when the session says so."""

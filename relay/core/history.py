@@ -73,15 +73,24 @@ class History:
         self._new: list[dict[str, Any]] = []
         self._heard: dict[str, tuple[int, int]] = {}  # item_id -> (audio_end_ms, audio_received_ms)
         self._by_item: dict[str, dict[str, Any]] = {}  # assistant entries, to cut one when it is interrupted
+        self._users: dict[str, dict[str, Any]] = {}  # spoken user entries, to fill in when transcribed
 
     # --- what goes in ------------------------------------------------------------------------------------------
 
     def on_server_event(self, event: dict[str, Any]) -> dict[str, Any] | None:
         """Record what this event says; returns a `relay.usage` event for the client after a `response.done`."""
         kind = event.get("type")
-        if kind == "conversation.item.input_audio_transcription.completed":
-            self._add({"role": "user", "type": "message", "item_id": event.get("item_id"),
-                       "text": event.get("transcript") if isinstance(event.get("transcript"), str) else ""})
+        if kind == "conversation.item.added":
+            self._user_turn(_dict(event.get("item")))
+        elif kind == "conversation.item.input_audio_transcription.completed":
+            text = event.get("transcript") if isinstance(event.get("transcript"), str) else ""
+            entry = self._users.get(event.get("item_id"))
+            if entry is None:
+                self._add({"role": "user", "type": "message", "item_id": event.get("item_id"), "text": text})
+            else:  # its place was kept when the turn began; the transcription may come after the reply
+                entry["text"] = text
+                if entry not in self._new:
+                    self._new.append(entry)
         elif kind == "response.output_audio_transcript.done":
             self._assistant(event.get("item_id"), event.get("transcript"), audio=True)
         elif kind == "response.output_text.done":
@@ -176,6 +185,14 @@ class History:
         self.entries.append(entry)
         self._new.append(entry)
         return entry
+
+    def _user_turn(self, item: dict[str, Any]) -> None:
+        """A spoken user turn joins the transcript when it begins, so it stays before the reply to it even when
+        its transcription comes after (text added later; empty if the session transcribes nothing)."""
+        content = item.get("content") if isinstance(item.get("content"), list) else []
+        spoken = any(isinstance(part, dict) and part.get("type") == "input_audio" for part in content)
+        if item.get("role") == "user" and spoken and isinstance(item.get("id"), str) and item["id"] not in self._users:
+            self._users[item["id"]] = self._add({"role": "user", "type": "message", "item_id": item["id"], "text": ""})
 
     def _assistant(self, item_id: Any, text: Any, audio: bool) -> None:
         entry = self._add({"role": "assistant", "type": "message", "item_id": item_id,

@@ -65,9 +65,14 @@ class StereoTimeline:
         """The frame the model's track sent at `now` (None: silence)."""
         self._model.place(pcm24 if pcm24 is not None else bytes(frame_samples * 2), self._sample(now))
 
-    def take(self, final: bool = False) -> bytes:
-        """Interleaved stereo PCM16 of what both channels have covered, less the last HOLD_S (`final`: everything,
-        the shorter channel padded with silence)."""
+    def take(self, now: float, final: bool = False) -> bytes:
+        """Interleaved stereo PCM16 up to `now` less HOLD_S (`final`: everything). A side that has sent nothing
+        for that long (a client that stopped its microphone) is silence until then, so the other side is written
+        out rather than held in memory."""
+        until = self._sample(now) - int(HOLD_S * RATE)
+        for channel in (self._user, self._model):
+            if channel.end < until:
+                channel.place(b"", until)  # silence up to `until`, if it is a real gap
         left, right = len(self._user.pcm) // 2, len(self._model.pcm) // 2
         count = max(left, right) if final else min(left, right) - int(HOLD_S * RATE)
         if count <= 0:

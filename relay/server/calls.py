@@ -73,6 +73,7 @@ class Call:
         self._history_log = Path(settings.history_dir) / f"{self.id}.jsonl" if settings.history_dir else None
         self.recording = StereoTimeline(time.monotonic()) if settings.recordings_dir else None
         self._wav: wave.Wave_write | None = None
+        self._wav_write: asyncio.Future | None = None
         self.inbound = InboundAudio(self._to_upstream_audio, reorder_window=settings.reorder_window)
         self.track = PlayoutTrack(self._next_frame)
         self.pc: RTCPeerConnection | None = None
@@ -311,7 +312,7 @@ class Call:
                     self._save_history()
                 self._to_client(action.event)
             elif isinstance(action, RunTools):
-                self._spawn(self._run_tools(action.calls), "tools")
+                self._spawn(self._run_tools(action), "tools")
             else:
                 if action.event["type"] == "conversation.item.create":
                     self.history.on_client_event(action.event)  # a tool's output, in the transcript
@@ -321,21 +322,24 @@ class Call:
     def _dispatch_upstream(self, event: dict[str, Any]) -> None:
         self._to_upstream(json.dumps(event, separators=(",", ":")), budgeted=False)
 
-    async def _run_tools(self, calls: list[tuple[str, str, str]]) -> None:
+    async def _run_tools(self, run: RunTools) -> None:
         context = ToolContext(self.id, self._end_after_reply)
         timeout = self.settings.tool_timeout_s
         outputs = await asyncio.gather(*(self.toolbox.call(name, arguments, context, timeout)
-                                         for _, name, arguments in calls))
-        self._dispatch(self.core.tool_outputs([(call_id, out) for (call_id, _, _), out in zip(calls, outputs)]))
+                                         for _, name, arguments in run.calls))
+        answered = [(call_id, output) for (call_id, _, _), output in zip(run.calls, outputs)]
+        self._dispatch(self.core.tool_outputs(answered, respond=run.respond))
 
     def _end_after_reply(self) -> None:
         """A tool asked to end the call: let the model's next reply (its goodbye) play out first."""
         async def end() -> None:
-            busy_seen, started = False, time.monotonic()
+            # The reply to the tool's output is a response that starts after this (the one that called the tool has
+            # already had its response.done); wait for it to be created and then heard.
+            responses, started = self.core.stats.responses_created, time.monotonic()
             while time.monotonic() - started < 30:
                 await asyncio.sleep(0.1)
-                busy_seen = busy_seen or not self.core.idle
-                if self.core.idle and (busy_seen or time.monotonic() - started > 5):
+                replied = self.core.stats.responses_created > responses
+                if self.core.idle and (replied or time.monotonic() - started > 5):
                     break
             self.close_soon("ended by a tool")
 
@@ -361,7 +365,10 @@ class Call:
             self._wav = await asyncio.to_thread(_open_stereo_wav, path)
             while True:
                 await asyncio.sleep(1.0)
-                await asyncio.to_thread(self._wav.writeframes, self.recording.take())
+                # Shielded: cancelling this task must not leave a write running while close() finishes the file.
+                self._wav_write = asyncio.ensure_future(
+                    asyncio.to_thread(self._wav.writeframes, self.recording.take(time.monotonic())))
+                await asyncio.shield(self._wav_write)
         except OSError as exc:
             log.warning("call %s: recording stopped: %s", self.id, exc)
             self.recording = None
@@ -370,7 +377,10 @@ class Call:
         if self._wav is None:
             return
         wav, self._wav = self._wav, None
-        rest = self.recording.take(final=True) if self.recording is not None else b""
+        if self._wav_write is not None:
+            with contextlib.suppress(OSError):
+                await self._wav_write  # the last periodic write, if it is still running
+        rest = self.recording.take(time.monotonic(), final=True) if self.recording is not None else b""
 
         def finish() -> None:
             wav.writeframes(rest)

@@ -123,4 +123,9 @@ class Toolbox:
             return f"error: {name} did not finish within {timeout:g} s"
         except Exception as exc:  # the tool's own failure is the model's to explain, not the call's end
             return f"error: {name} failed: {type(exc).__name__}: {exc}"
-        return result if isinstance(result, str) else json.dumps(result, default=str)
+        if isinstance(result, str):
+            return result
+        try:
+            return json.dumps(result, default=str)
+        except (TypeError, ValueError) as exc:  # e.g. tuple keys, or a structure that contains itself
+            return f"error: {name} returned a value that is not JSON: {exc}"

@@ -70,6 +70,7 @@ class VoiceOpusEncoder:
         if direct is not None:  # 20 ms at a rate libopus codes (the playout track's 24 kHz; a 48 kHz microphone)
             if frame.sample_rate != self._opus.rate:
                 self._opus = opus.Encoder(*self._settings, rate=frame.sample_rate)
+                self._resampler = None  # it produced frames for the old rate
             pcm = [direct]
         else:  # anything else is converted (a resampler holds audio back: avoid it where possible)
             if self._resampler is None:

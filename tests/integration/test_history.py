@@ -55,7 +55,8 @@ async def test_the_transcript_holds_both_sides_and_the_usage_live_after_and_from
         status, ended = await _get(f"{url}/v1/realtime/calls/{call.call_id}/transcript")
         assert status == 200 and ended["status"] == "ended" and ended["entries"] == live["entries"]
         lines = [json.loads(line) for line in (tmp_path / "history" / f"{call.call_id}.jsonl").read_text().splitlines()]
-        assert [line["seq"] for line in lines] == list(range(len(lines)))
+        seqs = [line["seq"] for line in lines]  # an entry completed later (its transcription) is logged again
+        assert sorted(set(seqs)) == list(range(len(ended["entries"])))
     finally:
         await runner.cleanup()
 

@@ -120,3 +120,16 @@ async def test_a_tool_schema_comes_from_its_hints():
     context = ToolContext("rtc_test", lambda: None)
     assert await toolbox.call("add", '{"a": 1, "b": 2}', context, 1) == "3"
     assert (await toolbox.call("add", "not json", context, 1)).startswith("error: invalid arguments")
+
+
+async def test_a_result_that_is_not_json_becomes_an_error_output():
+    import relay.tools as tools_module
+
+    async def cyclic() -> dict:
+        loop: dict = {}
+        loop["self"] = loop
+        return loop
+
+    toolbox = Toolbox([tools_module.Tool(cyclic, "cyclic", "A structure that contains itself.")])
+    output = await toolbox.call("cyclic", "{}", ToolContext("rtc_test", lambda: None), 1)
+    assert output.startswith("error: cyclic returned a value that is not JSON")

@@ -280,3 +280,30 @@ def test_a_faster_than_real_time_reply_keeps_its_pauses():
     core.on_audio("resp_1", "item_1", ([FRAME] * 20 + [QUIET] * 10) * 10, source_ms=6000)  # 6 s at once
     played = [core.tick()[0] for _ in range(300)]  # nothing more arrives while it plays: not a live stream
     assert played.count(QUIET) == 100 and core.stats.live_silence_skipped == 0
+
+
+def test_server_tool_outputs_ask_for_a_reply_only_when_the_model_can_give_one():
+    from relay.core.call import RunTools
+
+    tools = [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]
+    core = CallCore(server_tools=tools)
+
+    def done(response_id, *names):
+        output = [{"type": "function_call", "name": n, "call_id": f"call_{n}", "arguments": "{}",
+                   "status": "completed"} for n in names]
+        return core.on_server_event({"type": "response.done", "response": {"id": response_id, "output": output}})
+
+    core.on_server_event({"type": "response.created", "response": {"id": "resp_1"}})
+    (run,) = [a for a in done("resp_1", "lookup") if isinstance(a, RunTools)]
+    assert run.calls == [("call_lookup", "lookup", "{}")] and run.respond
+    # The user spoke meanwhile: a response is under way, so the reply is asked for when it is done.
+    core.on_server_event({"type": "response.created", "response": {"id": "resp_2"}})
+    sent = [a.event["type"] for a in core.tool_outputs([("call_lookup", "42")])]
+    assert sent == ["conversation.item.create"]
+    after = [a.event["type"] for a in done("resp_2") if hasattr(a, "event") and a.event["type"] == "response.create"]
+    assert after == ["response.create"]
+    # A response that also called a client's tool: the client answers it and asks for the reply itself.
+    core.on_server_event({"type": "response.created", "response": {"id": "resp_3"}})
+    (run,) = [a for a in done("resp_3", "lookup", "open_door") if isinstance(a, RunTools)]
+    assert not run.respond
+    assert [a.event["type"] for a in core.tool_outputs([("call_lookup", "1")], respond=False)] == ["conversation.item.create"]

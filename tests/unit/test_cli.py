@@ -96,6 +96,15 @@ def test_serve_with_a_tools_module_that_does_not_import_exits_2_naming_it():
     assert "Traceback" not in result.stderr
 
 
+def test_serve_with_a_directory_it_cannot_use_exits_2_naming_it(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for flag, env in (("--recordings-dir", "RELAY_RECORDINGS_DIR"), ("--history-dir", "RELAY_HISTORY_DIR")):
+        result = run_relay([sys.executable, "-m", "relay"], "serve", "--port", "0", flag, str(blocker / "sub"))
+        assert result.returncode == 2
+        assert env in result.stderr and "cannot use" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_simulator_bad_knob_value_exits_2():
     result = run_relay([sys.executable, "-m", "relay"], "simulator", "--speed", "fast")
     assert result.returncode == 2

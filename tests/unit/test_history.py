@@ -87,3 +87,18 @@ def test_a_history_reads_back_from_its_log_the_later_line_winning():
     back = History.from_log(log + [{"garbage": True}, "not an entry"], DEFAULT_PRICES)
     assert [e["text"] for e in back.entries if e["type"] == "message"] == ["a b"]
     assert back.usage.as_dict() == h.usage.as_dict()
+
+
+def test_a_spoken_turn_keeps_its_place_before_the_reply_when_its_transcription_comes_late():
+    h = history()
+    h.on_server_event({"type": "conversation.item.added", "item": {
+        "id": "item_u", "type": "message", "role": "user", "content": [{"type": "input_audio", "transcript": None}]}})
+    h.on_server_event({"type": "response.output_audio_transcript.done", "item_id": "item_a", "transcript": "Hi!"})
+    h.on_server_event({"type": "conversation.item.input_audio_transcription.completed", "item_id": "item_u",
+                       "transcript": "Hello"})
+    assert [(e["role"], e["text"]) for e in h.entries] == [("user", "Hello"), ("assistant", "Hi!")]
+    assert [i["content"][0]["text"] for i in h.replay_items()] == ["Hello", "Hi!"]  # replayed in order
+    # A typed message is added by the client's own event, not again when the service echoes it.
+    h.on_server_event({"type": "conversation.item.added", "item": {
+        "id": "item_t", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "typed"}]}})
+    assert len(h.entries) == 2

@@ -29,8 +29,8 @@ def record(user: list[tuple[float, bytes]], model_frames: list[tuple[float, byte
     out = b""
     for t, channel, pcm in events:
         timeline.on_user_audio(pcm, t) if channel == 0 else timeline.on_model_frame(pcm, t)
-        out += timeline.take()
-    return np.frombuffer(out + timeline.take(final=True), dtype="<i2")
+        out += timeline.take(t)
+    return np.frombuffer(out + timeline.take(t, final=True), dtype="<i2")
 
 
 def chunks(audio: bytes, start: float, jitter_ms: float = 0.0, seed: int = 1) -> list[tuple[float, bytes]]:
@@ -74,6 +74,15 @@ def test_a_pause_in_a_stream_is_kept_and_jitter_does_not_chop_the_audio():
     assert abs(second_start - 1.0) < 0.03  # the second, after its real pause
     # No dropouts inside the first 400 ms despite the jitter: laid end to end.
     assert loud[int(0.01 * RATE):int(0.39 * RATE)].mean() > 0.9
+
+
+def test_a_silent_side_does_not_hold_the_other_in_memory():
+    timeline = StereoTimeline(start=0.0)
+    written = b""
+    for i in range(250):  # 5 s of the model's frames, and nothing from the user (a muted client)
+        timeline.on_model_frame(bytes(960), i * 0.02)
+        written += timeline.take(i * 0.02)
+    assert len(written) // 4 >= int(4.7 * RATE)  # written out as it goes (less ~0.2 s held), the user's side silent
 
 
 def test_relay_analyze_prints_each_turn_and_refuses_other_files(tmp_path):
