@@ -106,13 +106,17 @@ class Turn:
         return None if self.model_start_s is None else (self.model_start_s - self.user_end_s) * 1000
 
 
-def _speech_runs(samples: np.ndarray, rate: int) -> list[tuple[float, float]]:
-    """(start, end) seconds of speech: 10 ms windows over SPEECH_DB, pauses under TURN_SILENCE_MS bridged."""
+def speech_windows(samples: np.ndarray, rate: int) -> list[int]:
+    """Indexes of the WINDOW_MS windows of PCM16 `samples` over SPEECH_DB: what the analysis counts as speech."""
     size = rate * WINDOW_MS // 1000
     windows = samples[: samples.size // size * size].astype(np.float64).reshape(-1, size)
-    loud = 10 * np.log10(np.mean(windows**2, axis=1) / 32768**2 + 1e-12) > SPEECH_DB
+    return [int(i) for i in np.nonzero(10 * np.log10(np.mean(windows**2, axis=1) / 32768**2 + 1e-12) > SPEECH_DB)[0]]
+
+
+def _speech_runs(samples: np.ndarray, rate: int) -> list[tuple[float, float]]:
+    """(start, end) seconds of speech: speech windows, pauses under TURN_SILENCE_MS bridged."""
     runs: list[list[float]] = []
-    for index in np.nonzero(loud)[0]:
+    for index in speech_windows(samples, rate):
         start, end = index * WINDOW_MS / 1000, (index + 1) * WINDOW_MS / 1000
         if runs and start - runs[-1][1] < TURN_SILENCE_MS / 1000:
             runs[-1][1] = end

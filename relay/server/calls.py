@@ -611,13 +611,12 @@ async def _history_to_resume(app: web.Application, call_id: str) -> History | No
     if not CALL_ID.fullmatch(call_id):
         return None
     history, _ = _kept_history(app, call_id)
-    worker = app[WORKER]
-    owner = Worker.owner(call_id)
-    if history is None and worker.count > 1 and owner is not None and owner != worker.index and owner < worker.count:
-        answer = await ask_worker(worker, owner, f"/v1/realtime/calls/{call_id}/transcript")
+    owner = app[WORKER].other_owner(call_id)
+    if history is None and owner is not None:
+        answer = await ask_worker(app[WORKER], owner, f"/v1/realtime/calls/{call_id}/transcript")
         if answer is not None and answer[0] == 200:
             with contextlib.suppress(ValueError, AttributeError):
-                history = History.from_snapshot(json.loads(answer[1]), app[SETTINGS].prices)
+                history = History.from_snapshot(json.loads(answer[2]), app[SETTINGS].prices)
     return history
 
 

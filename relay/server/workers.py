@@ -26,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, UnixConnector, web
 
@@ -62,6 +63,11 @@ class Worker:
         prefix, _, rest = call_id.partition("_")
         return DIGITS.index(rest[0]) if prefix == "rtc" and rest and rest[0] in DIGITS else None
 
+    def other_owner(self, call_id: str) -> int | None:
+        """The index of the other worker of this relay that owns the call, if it is one."""
+        owner = Worker.owner(call_id)
+        return owner if owner is not None and owner != self.index and owner < self.count else None
+
     @classmethod
     def from_env(cls) -> "Worker":
         if "RELAY_WORKER_INDEX" not in os.environ:
@@ -76,38 +82,38 @@ def routing_middleware(worker: Worker, calls_key: web.AppKey):
     @web.middleware
     async def route(request: web.Request, handler):
         call_id = request.match_info.get("call_id")
-        if call_id and worker.count > 1 and call_id not in request.app[calls_key] and FORWARDED not in request.headers:
-            owner = Worker.owner(call_id)
-            if owner is not None and owner != worker.index and owner < worker.count:
-                return await _forward(request, worker.socket_path(owner))
+        if call_id and call_id not in request.app[calls_key] and FORWARDED not in request.headers:
+            owner = worker.other_owner(call_id)
+            if owner is not None:
+                return await _forward(request, worker, owner)
         return await handler(request)
 
     return route
 
 
-async def _forward(request: web.Request, path: Path) -> web.Response:
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS} | {FORWARDED: "1"}
-    body = await request.read()
-    try:
-        async with ClientSession(connector=UnixConnector(path=str(path)), timeout=FORWARD_TIMEOUT) as session:
-            async with session.request(request.method, f"http://worker{request.path_qs}", headers=headers,
-                                       data=body) as response:
-                payload = await response.read()
-                kept = {k: v for k, v in response.headers.items() if k.lower() not in _HOP_HEADERS}
-                return web.Response(status=response.status, body=payload, headers=kept)
-    except (OSError, ClientError, asyncio.TimeoutError):  # the owner is gone, restarting, or stuck
+async def _forward(request: web.Request, worker: Worker, owner: int) -> web.Response:
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+    answer = await ask_worker(worker, owner, request.path_qs, request.method, headers, await request.read())
+    if answer is None:
         body = {"error": {"message": "The worker that owns this call is not available.", "type": "server_error",
                           "code": "worker_unavailable", "param": None}}
         return web.json_response(body, status=503)
+    status, response_headers, payload = answer
+    kept = {k: v for k, v in response_headers.items() if k.lower() not in _HOP_HEADERS}
+    return web.Response(status=status, body=payload, headers=kept)
 
 
-async def ask_worker(worker: Worker, index: int, path: str) -> tuple[int, bytes] | None:
-    """GET `path` from another worker over its socket: (status, body), or None if it does not answer."""
+async def ask_worker(worker: Worker, index: int, path_qs: str, method: str = "GET",
+                     headers: dict[str, str] | None = None, body: bytes = b""
+                     ) -> tuple[int, Any, bytes] | None:
+    """Send a request to another worker over its Unix socket: (status, headers, body), or None if it does not
+    answer (gone, restarting, or stuck)."""
     try:
         async with ClientSession(connector=UnixConnector(path=str(worker.socket_path(index))),
                                  timeout=FORWARD_TIMEOUT) as session:
-            async with session.get(f"http://worker{path}", headers={FORWARDED: "1"}) as response:
-                return response.status, await response.read()
+            async with session.request(method, f"http://worker{path_qs}", headers=(headers or {}) | {FORWARDED: "1"},
+                                       data=body) as response:
+                return response.status, response.headers, await response.read()
     except (OSError, ClientError, asyncio.TimeoutError):
         return None
 

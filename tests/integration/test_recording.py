@@ -7,18 +7,15 @@ import wave
 
 import numpy as np
 
-from relay.core.recording import RATE, turns
+from relay.core.recording import RATE, speech_windows, turns
 from relay.server.calls import Call
 from tests.integration.test_webrtc_call import HELLO48, Relay, _ended, _serve, relay_settings
 from tests.webrtc_client import call_relay
 
 
 def _loud_windows(pcm: bytes) -> list[int]:
-    """Indexes of the 10 ms windows of 24 kHz PCM16 over -40 dBFS (the analysis's own rule)."""
-    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
-    size = RATE // 100
-    windows = samples[: samples.size // size * size].reshape(-1, size)
-    return [int(i) for i in np.nonzero(10 * np.log10(np.mean(windows**2, axis=1) / 32768**2 + 1e-12) > -40)[0]]
+    """The 10 ms windows of 24 kHz PCM16 the analysis counts as speech."""
+    return speech_windows(np.frombuffer(pcm, dtype="<i2"), RATE)
 
 
 async def test_a_recorded_call_holds_both_sides_on_one_clock(simulator, tmp_path, monkeypatch):
