@@ -91,6 +91,7 @@ def encode_opus(pcm48: np.ndarray) -> list[bytes]:
 class BenchCall:
     pc: RTCPeerConnection
     log: PacketLog
+    channel: Any = None  # the `oai-events` data channel
     events: list[dict[str, Any]] = field(default_factory=list)
     event_times: list[float] = field(default_factory=list)
 
@@ -104,7 +105,7 @@ async def connect(url: str, track: MediaStreamTrack, *, decode: bool, http: aioh
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     channel = pc.createDataChannel("oai-events")
     pc.addTrack(track)
-    call = BenchCall(pc, PacketLog(decode))
+    call = BenchCall(pc, PacketLog(decode), channel)
     install_packet_tap(pc.getTransceivers()[0].receiver, call.log)
 
     @channel.on("message")

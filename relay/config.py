@@ -70,6 +70,18 @@ class Settings(BaseModel):
     )
     max_sdp_bytes: int = Field(65536, ge=1024, description="largest SDP offer or signaling body accepted (bytes)")
     upstream_timeout_s: float = Field(10.0, gt=0, description="how long to wait for the upstream when a call starts")
+    upstream_retries: int = Field(
+        5, ge=0, le=100, description="attempts to reconnect when the upstream drops under a live call "
+        "(0: the call ends with the upstream)",
+    )
+    upstream_retry_backoff_s: float = Field(
+        0.5, gt=0, le=60, description="wait before the second reconnect attempt (the first is at once); doubles "
+        "with each attempt up to 10 s",
+    )
+    rollover_before_s: float = Field(
+        300.0, ge=0, description="replace the upstream session this long before its expires_at, at a quiet moment "
+        "(0: never; a session_expired is still recovered from)",
+    )
     call_idle_timeout_s: float = Field(
         30.0, gt=0, description="end a call when neither media nor data-channel messages arrive for this long"
     )

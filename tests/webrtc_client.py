@@ -96,6 +96,7 @@ class ClientCall:
     event_times: list[float] = field(default_factory=list)
     audio: list[np.ndarray] = field(default_factory=list)  # received 48 kHz mono frames
     audio_times: list[float] = field(default_factory=list)
+    audio_pts: list[int] = field(default_factory=list)  # RTP timestamps (48 kHz) of the received frames
     _new_event: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -161,6 +162,7 @@ async def call_relay(base_url: str, mutate_offer: Callable[[str], str] = lambda 
                     samples = frame.to_ndarray().reshape(-1, 2)[:, 0] if frame.layout.name == "stereo" else frame.to_ndarray().ravel()
                     call.audio.append(samples.astype("<i2"))
                     call.audio_times.append(time.monotonic())
+                    call.audio_pts.append(frame.pts)
         call._tasks.append(asyncio.ensure_future(record()))
 
     await pc.setLocalDescription(await pc.createOffer())

@@ -110,6 +110,8 @@ class CallCore:
         self._flushed: set[str] = set()  # responses whose late audio must be dropped
         self._own_event_ids: deque[str] = deque(maxlen=256)
         self._respond_when_done = False  # server tools answered while a response was under way
+        self.user_speaking = False  # between the upstream's speech_started and the end of that turn
+        self.session: dict[str, Any] | None = None  # the upstream session as its last session.created/updated said
         self._ticks = 0  # the playout clock: 20 ms a tick
         self._arrivals: deque[tuple[int, float]] = deque()  # (tick, ms of audio) over the last window
 
@@ -117,6 +119,11 @@ class CallCore:
     def idle(self) -> bool:
         """No reply being generated or played."""
         return not self._queue and self._playing is None and self._active_response is None
+
+    @property
+    def quiet(self) -> bool:
+        """Nobody talking: no reply generated or played, and the user not speaking (a moment to change sessions)."""
+        return self.idle and not self.user_speaking and not self._respond_when_done
 
     # --- upstream -> relay -------------------------------------------------------------------------------------
 
@@ -134,12 +141,37 @@ class CallCore:
             actions += self._response_done(_response_id(event))
             actions += self._server_tool_calls(event.get("response"))
         elif kind in ("session.created", "session.updated"):
-            self._follow_session(event.get("session"))
-        elif kind == "input_audio_buffer.speech_started" and self.interruptions and self._interrupt_response:
-            flushed = self.flush()
-            if flushed:
-                self.stats.barge_ins += 1
-            actions += flushed
+            self.follow_session(event.get("session"))
+        elif kind == "input_audio_buffer.speech_started":
+            self.user_speaking = True
+            if self.interruptions and self._interrupt_response:
+                flushed = self.flush()
+                if flushed:
+                    self.stats.barge_ins += 1
+                actions += flushed
+        elif kind in ("input_audio_buffer.speech_stopped", "input_audio_buffer.cleared",
+                      "input_audio_buffer.timeout_triggered"):
+            self.user_speaking = False
+        return actions
+
+    def upstream_lost(self) -> list[Action]:
+        """The upstream session ended under the call (a new one will take over, or the call ends). The response it
+        was generating will never finish: the client gets its `response.done` (failed) so that it does not wait
+        for one; its audio already here still plays out, and counts as heard."""
+        actions: list[Action] = []
+        lost = self._active_response
+        self._active_response = None
+        self._respond_when_done = False
+        self.user_speaking = False
+        self._flushed.clear()  # their late events cannot come any more
+        if lost is not None:
+            actions.append(ToClient(_event("response.done", response={
+                "id": lost, "object": "realtime.response", "status": "failed", "output": [],
+                "status_details": {"type": "failed", "error": {
+                    "type": "server_error", "code": "upstream_lost",
+                    "message": "The connection to the model service was lost during this response."}},
+            })))
+            actions += self._response_done_playout(lost)
         return actions
 
     def _response_done(self, response_id: str | None) -> list[Action]:
@@ -191,10 +223,12 @@ class CallCore:
             self._respond_when_done = True
         return actions
 
-    def _follow_session(self, session: Any) -> None:
-        """Over WebRTC the server owns playout: it flushes on speech only when the session says so."""
+    def follow_session(self, session: Any) -> None:
+        """Keep the upstream's effective session (replayed to a new one after a reconnect). Over WebRTC the server
+        owns playout: it flushes on speech only when the session says so."""
         if not isinstance(session, dict):
             return
+        self.session = session
         audio = session.get("audio") if isinstance(session.get("audio"), dict) else {}
         audio_in = audio.get("input") if isinstance(audio.get("input"), dict) else {}
         turn_detection = audio_in.get("turn_detection")

@@ -19,6 +19,7 @@ from typing import Any
 
 from relay.protocol import new_id
 
+MAX_PARTIAL_CHARS = 64 * 1024  # words kept of one reply under way (a reply of 15 minutes is about 15,000 chars)
 USAGE_FIELDS = ("audio_input", "cached_audio_input", "text_input", "cached_text_input", "audio_output", "text_output")
 
 
@@ -74,6 +75,9 @@ class History:
         self._heard: dict[str, tuple[int, int]] = {}  # item_id -> (audio_end_ms, audio_received_ms)
         self._by_item: dict[str, dict[str, Any]] = {}  # assistant entries, to cut one when it is interrupted
         self._users: dict[str, dict[str, Any]] = {}  # spoken user entries, to fill in when transcribed
+        # The words of replies under way (item_id -> (audio?, pieces)), kept for when their upstream session is lost
+        # before they are done; bounded by MAX_PARTIAL_CHARS per item.
+        self._partial: dict[str, tuple[bool, list[str], int]] = {}
 
     # --- what goes in ------------------------------------------------------------------------------------------
 
@@ -91,9 +95,13 @@ class History:
                 entry["text"] = text
                 if entry not in self._new:
                     self._new.append(entry)
+        elif kind in ("response.output_audio_transcript.delta", "response.output_text.delta"):
+            self._grow(event.get("item_id"), event.get("delta"), audio=kind == "response.output_audio_transcript.delta")
         elif kind == "response.output_audio_transcript.done":
+            self._partial.pop(event.get("item_id"), None)
             self._assistant(event.get("item_id"), event.get("transcript"), audio=True)
         elif kind == "response.output_text.done":
+            self._partial.pop(event.get("item_id"), None)
             self._assistant(event.get("item_id"), event.get("text"), audio=False)
         elif kind == "response.function_call_arguments.done":
             self._add({"role": "assistant", "type": "function_call", "item_id": event.get("item_id"),
@@ -104,17 +112,30 @@ class History:
         return None
 
     def on_client_event(self, event: dict[str, Any]) -> None:
-        """A client's `conversation.item.create`: a typed message or a tool's output."""
+        """A `conversation.item.create` (the client's, or the relay's for a tool's output): every item a client
+        can add, so that a new upstream session can be given them all again (replay_items)."""
         if event.get("type") != "conversation.item.create":
             return
         item = _dict(event.get("item"))
         if item.get("type") == "function_call_output":
             self._add({"role": "tool", "type": "function_call_output", "call_id": item.get("call_id"),
                        "output": item.get("output")})
-        elif item.get("type") == "message" and item.get("role") in ("user", "system"):
-            text = " ".join(part.get("text", "") for part in item.get("content", []) if isinstance(part, dict)
-                            and isinstance(part.get("text"), str)) if isinstance(item.get("content"), list) else ""
+        elif item.get("type") == "function_call":
+            self._add({"role": "assistant", "type": "function_call", "item_id": item.get("id"),
+                       "call_id": item.get("call_id"), "name": item.get("name"), "arguments": item.get("arguments")})
+        elif item.get("type") == "message" and item.get("role") in ("user", "system", "assistant"):
+            parts = item.get("content") if isinstance(item.get("content"), list) else []
+            text = " ".join(part.get("text") or part.get("transcript") or "" for part in parts
+                            if isinstance(part, dict) and isinstance(part.get("text") or part.get("transcript") or "", str))
             self._add({"role": item["role"], "type": "message", "item_id": item.get("id"), "text": text})
+
+    def on_upstream_lost(self) -> None:
+        """The upstream session ended with replies under way: keep what they had said so far (a new session is
+        told it; what the user did not hear is cut later, as for any interrupted reply)."""
+        for item_id, (audio, pieces, _) in self._partial.items():
+            entry = self._assistant(item_id, "".join(pieces), audio=audio)
+            entry["incomplete"] = True
+        self._partial.clear()
 
     def on_truncated(self, item_id: str, audio_end_ms: int, audio_received_ms: int) -> None:
         """The user heard only `audio_end_ms` of the item's audio (the relay's own `relay.item.truncated`)."""
@@ -140,11 +161,12 @@ class History:
                              | {"resumed_from": entry.get("resumed_from", from_call)})
         return history
 
-    def replay_items(self) -> list[dict[str, Any]]:
+    def replay_items(self, since: int = 0) -> list[dict[str, Any]]:
         """The conversation as Realtime items, to give a new upstream session: text for speech (the way to carry
-        a conversation into a new session), the heard part of interrupted replies, tool calls and outputs."""
+        a conversation into a new session), the heard part of interrupted replies, tool calls and outputs.
+        `since`: only the entries from that index on (those added after an earlier replay was taken)."""
         items: list[dict[str, Any]] = []
-        for entry in self.entries:
+        for entry in self.entries[since:]:
             kind, role, text = entry.get("type"), entry.get("role"), entry.get("text")
             if kind == "message" and role in ("user", "system") and text:
                 items.append({"type": "message", "role": role, "content": [{"type": "input_text", "text": text}]})
@@ -194,13 +216,23 @@ class History:
         if item.get("role") == "user" and spoken and isinstance(item.get("id"), str) and item["id"] not in self._users:
             self._users[item["id"]] = self._add({"role": "user", "type": "message", "item_id": item["id"], "text": ""})
 
-    def _assistant(self, item_id: Any, text: Any, audio: bool) -> None:
+    def _assistant(self, item_id: Any, text: Any, audio: bool) -> dict[str, Any]:
         entry = self._add({"role": "assistant", "type": "message", "item_id": item_id,
                            "text": text if isinstance(text, str) else "", "audio": audio})
         if audio and isinstance(item_id, str):
             self._by_item[item_id] = entry
             if item_id in self._heard:
                 self._cut(entry)
+        return entry
+
+    def _grow(self, item_id: Any, delta: Any, audio: bool) -> None:
+        if not (isinstance(item_id, str) and isinstance(delta, str)):
+            return
+        _, pieces, size = self._partial.get(item_id) or (audio, [], 0)
+        if size + len(delta) <= MAX_PARTIAL_CHARS:
+            pieces.append(delta)
+            size += len(delta)
+        self._partial[item_id] = (audio, pieces, size)
 
     def _cut(self, entry: dict[str, Any]) -> None:
         """Keep the words the user heard: as many, in proportion, as the audio played of the audio received."""

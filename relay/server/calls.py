@@ -29,6 +29,7 @@ from relay.audio.convert import FRAME_BYTES_24K, Chunker
 from relay.config import Settings
 from relay.core.call import Action, CallCore, RunTools, ToClient, error_event
 from relay.core.history import History
+from relay.core.reconnect import backoff_delays, is_fatal, rollover_at, session_to_replay, still_to_send
 from relay.core.recording import RATE as RECORDING_RATE, StereoTimeline
 from relay.tools import ToolContext, Toolbox
 from relay.protocol import new_id
@@ -46,6 +47,10 @@ MAX_PENDING_CLIENT_EVENTS = 1000  # held until the data channel opens; beyond it
 MAX_UPSTREAM_BACKLOG_BYTES = 4 * 1024 * 1024  # waiting for the upstream; beyond it audio is dropped, events refused
 MAX_CHANNEL_BUFFER_BYTES = 8 * 1024 * 1024  # unacknowledged data-channel bytes: beyond it the client is not reading
 MAX_CLIENT_MESSAGE_BYTES = 256 * 1024
+# The user's last 500 ms of audio go to a rollover's new session first: a word begun just before the switch (before
+# the old session's VAD reported it) is heard whole by the new one.
+RECENT_AUDIO_CHUNKS = 25
+ROLLOVER_RETRY_S = 2.0  # a rollover that found the conversation moving on tries again this much later
 
 
 class SignalingError(Exception):
@@ -90,7 +95,16 @@ class Call:
         self._client_pending: deque[str] = deque()
         self._upstream_outbox: deque[str] = deque()
         self._upstream_outbox_bytes = 0
-        self._upstream_ready = asyncio.Event()
+        self._upstream_ready = asyncio.Event()  # something is in the outbox
+        self._upstream_live = asyncio.Event()  # a session is connected: the writer may send
+        self._reconnecting = False  # a session was lost and its replacement is not there yet: audio is dropped
+        self._recent_audio: deque[str] = deque(maxlen=RECENT_AUDIO_CHUNKS)  # given to a rollover's new session
+        self._last_upstream_error: str | None = None  # the code, when the upstream's last event was an error
+        self._session_opened_at = 0.0  # wall clock, like expires_at
+        self._expires_at: Any = None  # the upstream session's, from its session.created
+        self._tools_running = 0
+        self.reconnects = 0
+        self.rollovers = 0
         self._framer = Chunker(FRAME_BYTES_24K)  # the current item's audio, cut into 20 ms frames
         self._framing_item: str | None = None
 
@@ -98,25 +112,21 @@ class Call:
 
     async def start(self, offer_sdp: str, session: dict[str, Any] | None) -> str:
         """Negotiate with the client and open the upstream, concurrently; return the answer SDP."""
-        upstream = asyncio.create_task(open_upstream(
-            self.target, session, self.settings.upstream_timeout_s, keep_talking=not self.settings.interruptions,
-            tools=self.core.server_tools,
-        ))
+        # A resumed call's session starts with the earlier conversation, as text, before the user speaks.
+        upstream = asyncio.create_task(self._open_upstream(session, self.history.replay_items()))
         try:
             answer = await self._negotiate(offer_sdp)
-            self.ws, initial_events = await upstream
+            ws, initial_events = await upstream
         except BaseException:
             upstream.cancel()
             with contextlib.suppress(BaseException):
                 ws, _ = await upstream
                 await ws.close()
             raise
-        for text in initial_events:
-            self._on_upstream_text(text)  # through the core, which learns the session from them
-        for item in self.history.replay_items():  # a resumed conversation, as text, before the user speaks
-            self._dispatch_upstream(self.core.own_event("conversation.item.create", item=item))
-        self._spawn(self._read_upstream(), "upstream-reader")
+        self._adopt(ws, initial_events, first=True)
+        self._spawn(self._keep_upstream(), "upstream-reader")
         self._spawn(self._write_upstream(), "upstream-writer")
+        self._spawn(self._roll_over(), "rollover")
         self._spawn(self._watch(), "watchdog")
         if self.recording is not None:
             self._spawn(self._keep_recording(), "recording")
@@ -211,7 +221,8 @@ class Call:
     def _to_upstream_audio(self, pcm24: bytes) -> None:
         """~20 ms of the client's audio, straight from the inbound tap."""
         text = '{"type":"input_audio_buffer.append","audio":"' + base64.b64encode(pcm24).decode() + '"}'
-        if not self._to_upstream(text):
+        self._recent_audio.append(text)
+        if self._reconnecting or not self._to_upstream(text):
             self.dropped_audio_chunks += 1
         if self.recording is not None:
             self.recording.on_user_audio(pcm24, time.monotonic())
@@ -237,17 +248,150 @@ class Call:
 
     # --- upstream side -----------------------------------------------------------------------------------------
 
-    async def _read_upstream(self) -> None:
-        assert self.ws is not None
-        try:
-            async for text in self.ws:
-                if isinstance(text, str):
-                    self._on_upstream_text(text)
-            reason = "upstream closed"
-        except websockets.ConnectionClosedError:
-            reason = "upstream connection lost"
-        self._to_client(error_event("upstream_closed", "The connection to the model service ended.", "server_error"))
-        self.close_soon(reason)
+    async def _open_upstream(self, session: dict[str, Any] | None, replay: list[dict[str, Any]]
+                             ) -> tuple[websockets.ClientConnection, list[str]]:
+        return await open_upstream(
+            self.target, session, self.settings.upstream_timeout_s, keep_talking=not self.settings.interruptions,
+            tools=self.core.server_tools, replay=replay,
+        )
+
+    def _adopt(self, ws: websockets.ClientConnection, events: list[str], first: bool = False) -> None:
+        """Make `ws` the call's upstream session. `events` are its first (session.created with the effective
+        session, then what its set-up caused): the client gets them for the call's first session only; for a
+        later one it has had them already, and the conversation it knows is the same."""
+        self.ws = ws
+        self._last_upstream_error = None
+        created = json.loads(events[0])  # open_upstream's own serialisation of session.created
+        session = created.get("session") if isinstance(created.get("session"), dict) else {}
+        self._session_opened_at, self._expires_at = time.time(), session.get("expires_at")
+        if first:
+            for text in events:
+                self._on_upstream_text(text)  # through the core, which learns the session from them
+        else:
+            self.core.follow_session(session)
+        self._upstream_live.set()
+
+    async def _keep_upstream(self) -> None:
+        """Read the upstream session; when it ends under the call, replace it, or end the call."""
+        while True:
+            ws = self.ws
+            assert ws is not None
+            with contextlib.suppress(websockets.ConnectionClosedError):
+                async for text in ws:
+                    if ws is not self.ws:
+                        break  # replaced (a rollover): the rest of the old session's events are not wanted
+                    if isinstance(text, str):
+                        self._on_upstream_text(text)
+            if ws is self.ws and not await self._reconnect(ws):
+                return
+
+    async def _reconnect(self, lost: websockets.ClientConnection) -> bool:
+        """The upstream session `lost` ended: open a new one with the session configuration and the conversation,
+        trying again with backoff; False when there is no point (a refused key) or the retries are spent, and the
+        call is ending."""
+        expired = self._last_upstream_error == "session_expired"
+        if is_fatal(lost.close_code, self._last_upstream_error) or self.settings.upstream_retries == 0:
+            detail = self._last_upstream_error or f"close code {lost.close_code}"
+            self._give_up("upstream_closed", f"The connection to the model service ended ({detail}).")
+            return False
+        reason = "session_expired" if expired else f"connection closed ({lost.close_code})"
+        log.info("call %s: upstream session lost (%s), reconnecting", self.id, reason)
+        self._upstream_live.clear()
+        self._reconnecting = True
+        self._to_client(_relay_event("relay.upstream.reconnecting", reason=reason))
+        self._end_lost_reply()
+        for attempt, delay in enumerate(backoff_delays(self.settings.upstream_retries,
+                                                       self.settings.upstream_retry_backoff_s), start=1):
+            await asyncio.sleep(delay)
+            said = len(self.history.entries)
+            replay = self.history.replay_items()
+            try:
+                ws, events = await self._open_upstream(session_to_replay(self.core.session), replay)
+            except UpstreamError as exc:
+                log.warning("call %s: reconnect attempt %d failed: %s", self.id, attempt, exc.code)
+                if exc.fatal:
+                    self._give_up(exc.code, exc.message)
+                    return False
+                continue
+            self._switch_to(ws, events, recent_audio=False, since=said)
+            self._reconnecting = False
+            self.reconnects += 1
+            log.info("call %s: upstream reconnected (attempt %d, %d items replayed)", self.id, attempt, len(replay))
+            self._to_client(_relay_event("relay.upstream.reconnected", attempt=attempt, replayed_items=len(replay),
+                                         expires_at=self._expires_at))
+            return True
+        self._give_up("upstream_unavailable", "The connection to the model service was lost and could not be made "
+                      f"again ({self.settings.upstream_retries} attempts).")
+        return False
+
+    def _end_lost_reply(self) -> None:
+        """A reply under way dies with its session: what the user has of it still plays and joins the history
+        (replayed to the new session); the client gets its response.done."""
+        self._framer, self._framing_item = Chunker(FRAME_BYTES_24K), None  # less than a frame is left: dropped
+        self.history.on_upstream_lost()
+        self._dispatch(self.core.upstream_lost())
+        self._save_history()
+
+    def _give_up(self, code: str, message: str) -> None:
+        """The upstream is gone for good: the client is told why, and the call ends."""
+        log.warning("call %s: upstream gone: %s", self.id, message)
+        self._to_client(error_event(code, message, "server_error"))
+        self.close_soon("upstream lost")
+
+    def _switch_to(self, ws: websockets.ClientConnection, events: list[str], recent_audio: bool, since: int) -> None:
+        """Send from now on to the new session `ws`, which has had the history's entries before `since`. Then
+        it gets: the entries added while it was opened (a tool's output, a client's message), for a rollover the
+        user's last half second, and what was still waiting for the old session if it still means something
+        (see still_to_send)."""
+        old = self.ws
+        added = [json.dumps(self.core.own_event("conversation.item.create", item=item), separators=(",", ":"))
+                 for item in self.history.replay_items(since)]
+        pending = added + (list(self._recent_audio) if recent_audio else []) + still_to_send(self._upstream_outbox)
+        self._upstream_outbox = deque(pending)
+        self._upstream_outbox_bytes = sum(map(len, pending))
+        self._adopt(ws, events)
+        self._upstream_ready.set()
+        if old is not None and old is not ws:
+            self._spawn(old.close(), "old-upstream-close")
+
+    async def _roll_over(self) -> None:
+        """Replace the upstream session before the service ends it (rollover_before_s ahead of its expires_at),
+        at a moment when nobody speaks, so that a long call never meets the limit. The new session is made ready
+        beside the old one; the switch itself is instant and the outbound audio never pauses."""
+        while True:
+            old = self.ws
+            due = rollover_at(self._session_opened_at, self._expires_at, self.settings.rollover_before_s)
+            if due is None:
+                return
+            if time.time() < due:  # the session may change meanwhile (a reconnect): look again at least each minute
+                await asyncio.sleep(min(60.0, due - time.time()))
+                continue
+            while not self._quiet():
+                await asyncio.sleep(0.1)
+            if self.ws is not old:
+                continue  # replaced meanwhile (it expired and was reconnected): a new session, a new due time
+            said = len(self.history.entries)
+            replay = self.history.replay_items()
+            try:
+                ws, events = await self._open_upstream(session_to_replay(self.core.session), replay)
+            except UpstreamError as exc:
+                log.warning("call %s: rollover failed: %s", self.id, exc.code)
+                if exc.fatal:
+                    return  # a refused key: the session ends at its expiry, and the call with it
+                await asyncio.sleep(ROLLOVER_RETRY_S)
+                continue
+            if self.ws is old and self._quiet() and len(self.history.entries) == said:
+                self._switch_to(ws, events, recent_audio=True, since=said)
+                self.rollovers += 1
+                log.info("call %s: upstream session rolled over (%d items replayed)", self.id, len(replay))
+                self._to_client(_relay_event("relay.upstream.rolled_over", replayed_items=len(replay),
+                                             expires_at=self._expires_at))
+            else:  # the conversation moved on while the new session was prepared: its replay is out of date
+                await ws.close()
+                await asyncio.sleep(ROLLOVER_RETRY_S)
+
+    def _quiet(self) -> bool:
+        return self.core.quiet and not self._reconnecting and not self._tools_running
 
     def _on_upstream_text(self, text: str) -> None:
         try:
@@ -261,6 +405,9 @@ class Call:
         if kind == "response.output_audio.delta":
             self._on_audio_delta(event)
             return
+        self._last_upstream_error = _error_code(event) if kind == "error" else None
+        if self._last_upstream_error == "session_expired" and self.settings.upstream_retries:
+            return  # the relay opens a new session: for the client, the conversation goes on
         if kind == "response.output_audio.done" and event.get("item_id") == self._framing_item:
             last = self._framer.flush()
             self._dispatch(self.core.on_audio(event.get("response_id", ""), self._framing_item,
@@ -294,14 +441,23 @@ class Call:
         self._dispatch(self.core.on_audio(response_id, item_id, frames, len(pcm) / 48))
 
     async def _write_upstream(self) -> None:
-        assert self.ws is not None
         while True:
             await self._upstream_ready.wait()
             self._upstream_ready.clear()
             while self._upstream_outbox:
+                if not self._upstream_live.is_set():
+                    await self._upstream_live.wait()
+                    continue  # a new session: the outbox has been sorted out for it (maybe emptied)
+                ws = self.ws
                 text = self._upstream_outbox.popleft()
                 self._upstream_outbox_bytes -= len(text)
-                await self.ws.send(text)
+                try:
+                    await ws.send(text)
+                except websockets.ConnectionClosed:
+                    if ws is self.ws:  # lost: the reader replaces the session, then decides what is still sent
+                        self._upstream_live.clear()
+                        self._upstream_outbox.appendleft(text)
+                        self._upstream_outbox_bytes += len(text)
 
     def _dispatch(self, actions: list[Action]) -> None:
         for action in actions:
@@ -325,8 +481,12 @@ class Call:
     async def _run_tools(self, run: RunTools) -> None:
         context = ToolContext(self.id, self._end_after_reply)
         timeout = self.settings.tool_timeout_s
-        outputs = await asyncio.gather(*(self.toolbox.call(name, arguments, context, timeout)
-                                         for _, name, arguments in run.calls))
+        self._tools_running += 1
+        try:
+            outputs = await asyncio.gather(*(self.toolbox.call(name, arguments, context, timeout)
+                                             for _, name, arguments in run.calls))
+        finally:
+            self._tools_running -= 1
         answered = [(call_id, output) for (call_id, _, _), output in zip(run.calls, outputs)]
         self._dispatch(self.core.tool_outputs(answered, respond=run.respond))
 
@@ -673,6 +833,16 @@ def _open_stereo_wav(path: Path) -> wave.Wave_write:
     wav.setsampwidth(2)
     wav.setframerate(RECORDING_RATE)
     return wav
+
+
+def _relay_event(event_type: str, **fields: Any) -> dict[str, Any]:
+    return {"type": event_type, "event_id": new_id("event"), **fields}
+
+
+def _error_code(event: dict[str, Any]) -> str | None:
+    error = event.get("error")
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
 
 
 def _drop_item_audio(event: dict[str, Any]) -> bool:

@@ -33,6 +33,7 @@ class SimConfig:
     reject_auth: bool = False  # refuse every connection as the service refuses a bad key
     # Faults.
     close_after_events: int | None = None  # close after sending this many server events
+    close_after_event_type: str | None = None  # close right after sending the first event of this type
     close_after_s: float | None = None  # close this long after connecting
     close_code: int = 1011
     close_abruptly: bool = False  # drop the TCP connection with no close frame (the client sees 1006)
@@ -79,6 +80,7 @@ HELP = {
     "api_key": "expected key (Authorization: Bearer, api-key header, or subprotocol); none = any",
     "reject_auth": "refuse every connection with invalid_api_key and close code 3000",
     "close_after_events": "fault: close after sending this many server events",
+    "close_after_event_type": "fault: close right after sending the first event of this type (e.g. response.output_audio.delta)",
     "close_after_s": "fault: close this many seconds after connecting",
     "close_code": "fault: WebSocket close code used by the close faults",
     "close_abruptly": "fault: drop TCP without a close frame (clients see 1006)",

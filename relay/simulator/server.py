@@ -16,6 +16,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hmac
 import io
 import json
@@ -37,13 +38,21 @@ from relay.simulator.session import SimSession
 log = logging.getLogger("relay.simulator")
 
 RECORDER: web.AppKey["Recorder"] = web.AppKey("recorder")
-CONFIG: web.AppKey[SimConfig] = web.AppKey("config")
+CONFIG: web.AppKey["LiveConfig"] = web.AppKey("config")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _MAX_EVENTS_RECORDED = 100_000
 _MAX_RECORDED_EVENT_CHARS = 64 * 1024  # a larger event is recorded by its type and size only
 _MAX_BACKLOG_EVENTS = 1000  # a client that stops reading stops being read
 _KEY_PROTOCOL = "openai-insecure-api-key."
 SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")
+
+
+@dataclass
+class LiveConfig:
+    """The server-wide knobs. A test may change them between connections (RunningSimulator.reconfigure), e.g. to
+    refuse the reconnection that follows a dropped session; a connection keeps the knobs it started with."""
+
+    value: SimConfig
 
 
 @dataclass
@@ -199,7 +208,7 @@ def _refusal(config: SimConfig, request: web.Request, model: str) -> tuple[dict[
 
 async def realtime_endpoint(request: web.Request) -> web.StreamResponse:
     try:
-        config = with_overrides(request.app[CONFIG], request.query)
+        config = with_overrides(request.app[CONFIG].value, request.query)
     except KnobError as exc:
         return web.json_response({"error": {"type": "invalid_request_error", "message": str(exc)}}, status=400)
     model = request.query.get("model", config.default_model)
@@ -267,7 +276,8 @@ async def _run_session(
                 await ws.send_str(dumps(event))
                 record.on_sent(event["type"])
                 sent += 1
-                if config.close_after_events is not None and sent >= config.close_after_events:
+                if (config.close_after_events is not None and sent >= config.close_after_events) or \
+                        event["type"] == config.close_after_event_type:
                     await _fault_close(ws, request, config)
                     return
             drained.set()
@@ -303,7 +313,7 @@ async def _fault_close(ws: web.WebSocketResponse, request: web.Request, config: 
 
 @web.middleware
 async def _records_need_the_key(request: web.Request, handler):
-    config = request.app[CONFIG]
+    config = request.app[CONFIG].value
     if request.path.startswith("/v1/simulator/") and config.api_key is not None:
         if not hmac.compare_digest(_presented_key(request) or "", config.api_key):
             return web.json_response(
@@ -361,7 +371,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 def create_app(config: SimConfig) -> web.Application:
     app = web.Application(client_max_size=config.max_message_bytes, middlewares=[_records_need_the_key])
-    app[CONFIG] = config
+    app[CONFIG] = LiveConfig(config)
     app[RECORDER] = Recorder(config.record_sessions, config.record_audio_s)
     app[SOCKETS] = set()
     app.on_shutdown.append(_close_sockets)
@@ -391,6 +401,10 @@ class RunningSimulator:
     @property
     def recorder(self) -> Recorder:
         return self.app[RECORDER]
+
+    def reconfigure(self, **knobs: Any) -> None:
+        """Change server-wide knobs for the connections that come next."""
+        self.app[CONFIG].value = dataclasses.replace(self.app[CONFIG].value, **knobs)
 
     async def stop(self) -> None:
         await self.runner.cleanup()

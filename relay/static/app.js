@@ -10,6 +10,8 @@
 const BASE = new URLSearchParams(location.search).get("base") || "";
 const DEFAULT_CONFIG = { ice_servers: [], locked: [], prices: {} };
 const HANGUP_WAIT_MS = 1000;
+// Sent by the relay when the model service is gone for good (a refused key, reconnection attempts spent): the call ends.
+const CALL_ENDING_ERRORS = new Set(["upstream_closed", "upstream_unavailable", "upstream_refused"]);
 const QUIET_ERRORS = new Set([
   "response_cancel_not_active", // Interrupt always cancels; a reply already fully generated makes this harmless
   "input_audio_buffer_commit_empty", // Reply now after the VAD already committed the turn: the reply still comes
@@ -399,7 +401,7 @@ const HANDLERS = {
   "response.done": (e) => addUsage((e.response || {}).usage),
   "error": (e) => {
     const error = e.error || {};
-    if (error.code === "upstream_closed") lose(error.message || "the model service closed the call");
+    if (CALL_ENDING_ERRORS.has(error.code)) lose(error.message || "the model service closed the call");
     else if (!QUIET_ERRORS.has(error.code)) note(`${error.code || "error"}: ${error.message || ""}`);
   },
   "relay.upstream.reconnecting": () => setState("reconnecting"),

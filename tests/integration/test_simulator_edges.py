@@ -215,3 +215,17 @@ async def test_output_audio_buffer_clear_is_webrtc_only(url):
         await client.send({"type": "output_audio_buffer.clear", "event_id": "evt_clear"})
         error = await client.error()
         assert error["event_id"] == "evt_clear" and error["code"] == "invalid_value"
+
+
+async def test_close_after_an_event_type_fault_and_knobs_changed_for_the_next_connections(simulator):
+    simulator.reconfigure(close_after_event_type="session.updated")
+    async with connect(simulator.url) as client:
+        simulator.reconfigure(close_after_event_type=None)  # a connection keeps the knobs it started with
+        await client.recv()
+        await client.send({"type": "session.update", "session": {"type": "realtime"}})
+        assert (await client.recv())["type"] == "session.updated"
+        with pytest.raises(websockets.ConnectionClosed):
+            await client.recv()
+    async with connect(simulator.url) as client:  # the next connection has the changed knobs: no fault
+        await client.recv()
+        assert (await client.update(instructions="Hi."))["instructions"] == "Hi."

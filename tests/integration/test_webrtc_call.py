@@ -253,8 +253,8 @@ async def test_a_client_that_vanishes_is_detected_and_freed(relay):
     await relay.simulator.recorder.wait_for(lambda: relay.simulator.recorder.sessions[-1].ended_at)
 
 
-async def test_an_upstream_that_drops_ends_the_call_with_an_error_event(simulator):
-    app, runner, url = await _serve(relay_settings(simulator.url + "?sim_close_after_s=1.5"))
+async def test_with_retries_off_an_upstream_that_drops_ends_the_call_with_an_error_event(simulator):
+    app, runner, url = await _serve(relay_settings(simulator.url + "?sim_close_after_s=1.5", upstream_retries="0"))
     relay = Relay(app, url, simulator)
     call = await call_relay(relay.url)
     try:
