@@ -75,6 +75,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
     _setup_logging(settings.log_level)
+    if settings.insecure and not settings.api_keys:
+        log.warning("--insecure: open access on %s, no API keys: anyone who reaches this address can spend the "
+                    "upstream key", settings.host)
     for name in ("history_dir", "recordings_dir"):
         directory = getattr(settings, name)
         if directory is None:

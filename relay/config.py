@@ -59,6 +59,24 @@ class Settings(BaseModel):
         "any other name (e.g. Azure's 'api-key') sends the key as is",
     )
 
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="comma-separated keys that backends send as 'Authorization: Bearer <key>' (default: none, "
+        "open access, allowed on loopback only)",
+    )
+    insecure: bool = Field(False, description="serve with no API keys on a non-loopback address (logs a warning)")
+    token_secret: SecretStr | None = Field(
+        None, description="key that signs client secrets (ek_ tokens), shared by the relay's workers "
+        "(default: a random one per start: tokens do not outlive a restart)",
+    )
+    client_secret_ttl_s: int = Field(
+        60, ge=10, le=7200, description="how long a client secret is valid when the request does not say",
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="comma-separated browser origins (https://app.example.com, or *) that may call the API besides "
+        "the relay's own page; requests without an Origin (backends, apps) are not concerned",
+    )
     ice_servers: list[dict[str, Any]] = Field(
         default_factory=list,
         description='ICE servers for the relay\'s peer, as JSON in the WebRTC form, e.g. [{"urls": "stun:stun.example.org:3478"}] '
@@ -124,7 +142,7 @@ class Settings(BaseModel):
             return {**DEFAULT_PRICES, **value}
         return value
 
-    @field_validator("ice_addresses", "tools", mode="before")
+    @field_validator("ice_addresses", "tools", "api_keys", "allowed_origins", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         if isinstance(value, str) and value.lstrip().startswith("["):
@@ -169,6 +187,23 @@ class Settings(BaseModel):
         if value is not None and not value.startswith(("ws://", "wss://")):
             raise ValueError("must be a ws:// or wss:// URL")
         return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            parts = urlsplit(origin)
+            if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path) or *")
+        return value
+
+    @model_validator(mode="after")
+    def _no_open_access_off_loopback(self) -> "Settings":
+        """Open access (no API keys) is for a relay that only this machine can reach."""
+        if not self.api_keys and not self.insecure and self.host != "localhost" and not _is_loopback(self.host):
+            raise ValueError(f"host: {self.host} is reachable from other machines and no API keys are set: set "
+                             "RELAY_API_KEYS, or pass --insecure to serve with open access anyway")
+        return self
 
     @model_validator(mode="after")
     def _no_key_in_clear(self) -> "Settings":

@@ -135,7 +135,7 @@ def strip_candidates(sdp: str) -> str:
 
 async def call_relay(base_url: str, mutate_offer: Callable[[str], str] = lambda s: s,
                      session: dict[str, Any] | None = None, http: aiohttp.ClientSession | None = None,
-                     resume: str | None = None) -> ClientCall:
+                     resume: str | None = None, headers: dict[str, str] | None = None) -> ClientCall:
     """Connect a client peer to the relay; raises AssertionError with the body if it does not answer 201."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     channel = pc.createDataChannel("oai-events")
@@ -173,12 +173,12 @@ async def call_relay(base_url: str, mutate_offer: Callable[[str], str] = lambda 
         params = {"resume": resume} if resume else None
         if session is None:
             request = http.post(f"{base_url}/v1/realtime/calls", data=sdp, params=params,
-                                headers={"Content-Type": "application/sdp"})
+                                headers={"Content-Type": "application/sdp", **(headers or {})})
         else:
             form = aiohttp.FormData()
             form.add_field("sdp", sdp, content_type="application/sdp")
             form.add_field("session", json.dumps(session), content_type="application/json")
-            request = http.post(f"{base_url}/v1/realtime/calls", data=form, params=params)
+            request = http.post(f"{base_url}/v1/realtime/calls", data=form, params=params, headers=headers)
         async with request as response:
             body = await response.text()
             if response.status != 201:

@@ -95,8 +95,9 @@ def _response_id(event: dict[str, Any]) -> str | None:
 
 class CallCore:
     def __init__(self, interruptions: bool = True, max_playout_frames: int = 30_000,
-                 server_tools: list[dict[str, Any]] | None = None) -> None:
+                 server_tools: list[dict[str, Any]] | None = None, locked: dict[str, Any] | None = None) -> None:
         self.interruptions = interruptions  # the operator's setting
+        self.locked = locked or {}  # session fields the client may not change, with their values
         self.server_tools = server_tools or []  # definitions of the tools the relay runs itself
         self.max_playout_frames = max_playout_frames
         self.stats = CallStats()
@@ -161,7 +162,9 @@ class CallCore:
         actions: list[Action] = []
         lost = self._active_response
         self._active_response = None
-        self._respond_when_done = False
+        if self._respond_when_done:  # tool outputs were waiting for that response to end: ask the new session
+            self._respond_when_done = False
+            actions.append(ToUpstream(self.own_event("response.create")))
         self.user_speaking = False
         self._flushed.clear()  # their late events cannot come any more
         if lost is not None:
@@ -379,11 +382,27 @@ class CallCore:
             )))], None
         if kind == "output_audio_buffer.clear":
             return self.flush(), None
-        if kind == "session.update" and self._adapt_session(event.get("session")):
-            return [], json.dumps(event, separators=(",", ":"))
-        if kind == "response.create" and isinstance(event.get("response"), dict) and _force_formats(event["response"]):
-            return [], json.dumps(event, separators=(",", ":"))
-        return [], text
+        section = event.get("session") if kind == "session.update" else event.get("response") \
+            if kind == "response.create" else None
+        refused = self._refuse_locked(section) if isinstance(section, dict) else []
+        actions: list[Action] = [ToClient(_error_event(ProtocolError(
+            "field_locked", f"'{field}' is set by the operator for this call and cannot be changed; the rest of the "
+            "event was applied.", f"{'session' if kind == 'session.update' else 'response'}.{field}",
+            event_id_of(event)))) for field in refused]
+        self.stats.client_errors += bool(refused)
+        if kind == "session.update" and (self._adapt_session(event.get("session")) or refused):
+            return actions, json.dumps(event, separators=(",", ":"))
+        if kind == "response.create" and isinstance(section, dict) and (_force_formats(section) or refused):
+            return actions, json.dumps(event, separators=(",", ":"))
+        return actions, text
+
+    def _refuse_locked(self, section: dict[str, Any]) -> list[str]:
+        """Remove the locked fields a session.update or response.create would change (a value equal to the locked
+        one is no change: SDKs re-send the whole session); their names."""
+        refused = [name for name, value in section.items() if name in self.locked and value != self.locked[name]]
+        for name in refused:
+            del section[name]
+        return refused
 
     def _adapt_session(self, session: Any) -> bool:
         """The fields the relay controls in a session.update; True when it changed something."""

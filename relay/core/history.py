@@ -68,6 +68,7 @@ class Usage:
 class History:
     def __init__(self, prices: dict[str, float], clock=time.time) -> None:
         self.entries: list[dict[str, Any]] = []
+        self.revision = 0  # changes with every entry added or corrected (a new session's replay may be out of date)
         self.usage = Usage()
         self._prices = prices
         self._clock = clock
@@ -93,6 +94,7 @@ class History:
                 self._add({"role": "user", "type": "message", "item_id": event.get("item_id"), "text": text})
             else:  # its place was kept when the turn began; the transcription may come after the reply
                 entry["text"] = text
+                self.revision += 1
                 if entry not in self._new:
                     self._new.append(entry)
         elif kind in ("response.output_audio_transcript.delta", "response.output_text.delta"):
@@ -116,18 +118,9 @@ class History:
         can add, so that a new upstream session can be given them all again (replay_items)."""
         if event.get("type") != "conversation.item.create":
             return
-        item = _dict(event.get("item"))
-        if item.get("type") == "function_call_output":
-            self._add({"role": "tool", "type": "function_call_output", "call_id": item.get("call_id"),
-                       "output": item.get("output")})
-        elif item.get("type") == "function_call":
-            self._add({"role": "assistant", "type": "function_call", "item_id": item.get("id"),
-                       "call_id": item.get("call_id"), "name": item.get("name"), "arguments": item.get("arguments")})
-        elif item.get("type") == "message" and item.get("role") in ("user", "system", "assistant"):
-            parts = item.get("content") if isinstance(item.get("content"), list) else []
-            text = " ".join(part.get("text") or part.get("transcript") or "" for part in parts
-                            if isinstance(part, dict) and isinstance(part.get("text") or part.get("transcript") or "", str))
-            self._add({"role": item["role"], "type": "message", "item_id": item.get("id"), "text": text})
+        entry = _entry_of(_dict(event.get("item")))
+        if entry is not None:
+            self._add(entry)
 
     def on_upstream_lost(self) -> None:
         """The upstream session ended with replies under way: keep what they had said so far (a new session is
@@ -165,21 +158,7 @@ class History:
         """The conversation as Realtime items, to give a new upstream session: text for speech (the way to carry
         a conversation into a new session), the heard part of interrupted replies, tool calls and outputs.
         `since`: only the entries from that index on (those added after an earlier replay was taken)."""
-        items: list[dict[str, Any]] = []
-        for entry in self.entries[since:]:
-            kind, role, text = entry.get("type"), entry.get("role"), entry.get("text")
-            if kind == "message" and role in ("user", "system") and text:
-                items.append({"type": "message", "role": role, "content": [{"type": "input_text", "text": text}]})
-            elif kind == "message" and role == "assistant" and text:
-                items.append({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]})
-            elif kind == "function_call" and isinstance(entry.get("name"), str) and isinstance(entry.get("call_id"), str):
-                items.append({"type": "function_call", "call_id": entry["call_id"], "name": entry["name"],
-                              "arguments": entry.get("arguments") if isinstance(entry.get("arguments"), str) else "{}"})
-            elif kind == "function_call_output" and isinstance(entry.get("call_id"), str):
-                output = entry.get("output")
-                items.append({"type": "function_call_output", "call_id": entry["call_id"],
-                              "output": output if isinstance(output, str) else json.dumps(output)})
-        return items
+        return [item for item in map(_item_of, self.entries[since:]) if item is not None]
 
     @classmethod
     def from_snapshot(cls, snapshot: dict[str, Any], prices: dict[str, float]) -> "History":
@@ -204,6 +183,7 @@ class History:
 
     def _add(self, entry: dict[str, Any]) -> dict[str, Any]:
         entry = {"seq": len(self.entries), "at": round(self._clock(), 3), **entry}
+        self.revision += 1
         self.entries.append(entry)
         self._new.append(entry)
         return entry
@@ -241,6 +221,7 @@ class History:
         words = full.split()
         keep = len(words) if received_ms <= 0 else round(len(words) * min(1.0, heard_ms / received_ms))
         entry.update(text=" ".join(words[:keep]), full_text=full, heard_ms=heard_ms, interrupted=True)
+        self.revision += 1
         if entry not in self._new:
             self._new.append(entry)  # the log gets the corrected entry again (same seq: the later line wins)
 
@@ -257,3 +238,42 @@ class History:
                    "cost_usd": round(cost, 6)})
         return {"type": "relay.usage", "event_id": new_id("event"), "response_id": response.get("id"),
                 "tokens": tokens, "cost_usd": round(cost, 6), "total": self.usage.as_dict()}
+
+
+def _entry_of(item: dict[str, Any]) -> dict[str, Any] | None:
+    """The transcript entry for an item a client (or the relay, for a tool's output) adds; None for other types."""
+    if item.get("type") == "function_call_output":
+        return {"role": "tool", "type": "function_call_output", "call_id": item.get("call_id"),
+                "output": item.get("output")}
+    if item.get("type") == "function_call":
+        return {"role": "assistant", "type": "function_call", "item_id": item.get("id"),
+                "call_id": item.get("call_id"), "name": item.get("name"), "arguments": item.get("arguments")}
+    if item.get("type") == "message" and item.get("role") in ("user", "system", "assistant"):
+        parts = item.get("content") if isinstance(item.get("content"), list) else []
+        text = " ".join(part.get("text") or part.get("transcript") or "" for part in parts
+                        if isinstance(part, dict) and isinstance(part.get("text") or part.get("transcript") or "", str))
+        return {"role": item["role"], "type": "message", "item_id": item.get("id"), "text": text}
+    return None
+
+
+def _item_of(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """An entry as a Realtime item for a new session (text for speech), or None when it has nothing to give."""
+    kind, role, text = entry.get("type"), entry.get("role"), entry.get("text")
+    if kind == "message" and role in ("user", "system") and text:
+        return {"type": "message", "role": role, "content": [{"type": "input_text", "text": text}]}
+    if kind == "message" and role == "assistant" and text:
+        return {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}
+    if kind == "function_call" and isinstance(entry.get("name"), str) and isinstance(entry.get("call_id"), str):
+        return {"type": "function_call", "call_id": entry["call_id"], "name": entry["name"],
+                "arguments": entry.get("arguments") if isinstance(entry.get("arguments"), str) else "{}"}
+    if kind == "function_call_output" and isinstance(entry.get("call_id"), str):
+        output = entry.get("output")
+        return {"type": "function_call_output", "call_id": entry["call_id"],
+                "output": output if isinstance(output, str) else json.dumps(output)}
+    return None
+
+
+def replayable(item: Any) -> bool:
+    """Would a replay of the history carry this created item? (Audio or image content has no text to give.)"""
+    entry = _entry_of(item) if isinstance(item, dict) else None
+    return entry is not None and _item_of(entry) is not None

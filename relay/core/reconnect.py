@@ -16,6 +16,7 @@ import random
 from typing import Any, Callable, Iterable
 
 from relay.core.call import RELAY_EVENT_PREFIX
+from relay.core.history import replayable
 
 # Error codes that mean "this account, key or request will be refused again": retrying cannot help.
 FATAL_ERROR_CODES = frozenset({
@@ -75,8 +76,8 @@ def still_to_send(pending: Iterable[str]) -> list[str]:
     """Of the events queued for an upstream session that ended, those a new session should still get.
 
     Dropped: audio (stale once the session it belonged to is gone: the new session hears the user from now on),
-    created items (the history already holds them, and replays them), and the relay's own cancels, truncations and
-    deletions (of the old session's items). Kept: everything else, in order (a client's session.update or
+    created items the history replays (it holds them already; an item with no text, an image say, is kept), and
+    the relay's own cancels, truncations and deletions (of the old session's items). Kept: everything else, in order (a client's session.update or
     response.create, the relay's response.create after a tool's output)."""
     kept = []
     for text in pending:
@@ -88,7 +89,9 @@ def still_to_send(pending: Iterable[str]) -> list[str]:
             continue  # the relay only queues what it has parsed; nothing lost
         kind = event.get("type") if isinstance(event, dict) else None
         own = str(event.get("event_id", "")).startswith(RELAY_EVENT_PREFIX) if isinstance(event, dict) else False
-        if kind in ("input_audio_buffer.append", "conversation.item.create") or (own and kind in _OLD_SESSION_EVENTS):
+        if kind == "input_audio_buffer.append" or (own and kind in _OLD_SESSION_EVENTS):
+            continue
+        if kind == "conversation.item.create" and replayable(event.get("item")):
             continue
         kept.append(text)
     return kept

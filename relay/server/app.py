@@ -15,7 +15,8 @@ from aiohttp import web
 from relay.config import Settings
 from relay.simulator.config import SimConfig
 from relay.simulator.server import RunningSimulator, start_simulator
-from relay.server.calls import add_call_routes
+from relay.server.auth import add_auth
+from relay.server.calls import CALLS, add_call_routes
 from relay.server.workers import Worker
 from relay.upstream.target import UpstreamTarget, choose_upstream
 from relay.webrtc.aiortc_internals import restrict_host_addresses, speed_up_audio_sender, speed_up_ntp_clock
@@ -59,6 +60,7 @@ def create_app(settings: Settings, upstream: UpstreamTarget, worker: Worker = Wo
     app.router.add_get("/relay/client-config", client_config(settings))
     app.router.add_static("/static/", STATIC)
     add_call_routes(app, settings, upstream, worker)
+    add_auth(app, settings, worker, CALLS)
     return app
 
 

@@ -32,6 +32,7 @@ from relay.core.history import History
 from relay.core.reconnect import backoff_delays, is_fatal, rollover_at, session_to_replay, still_to_send
 from relay.core.recording import RATE as RECORDING_RATE, StereoTimeline
 from relay.tools import ToolContext, Toolbox
+from relay.server.auth import TOKEN_NONCE, TOKEN_SESSION
 from relay.protocol import new_id
 from relay.upstream.client import UpstreamError, open_upstream
 from relay.server.workers import Worker, ask_worker, routing_middleware
@@ -51,6 +52,7 @@ MAX_CLIENT_MESSAGE_BYTES = 256 * 1024
 # the old session's VAD reported it) is heard whole by the new one.
 RECENT_AUDIO_CHUNKS = 25
 ROLLOVER_RETRY_S = 2.0  # a rollover that found the conversation moving on tries again this much later
+ROLLOVER_SETTLE_S = 1.0  # the old session's answer to the last event sent to it has had time to come back
 
 
 class SignalingError(Exception):
@@ -67,13 +69,16 @@ def error_response(status: int, code: str, message: str, error_type: str = "inva
 
 class Call:
     def __init__(self, settings: Settings, target: UpstreamTarget, on_closed: Callable[["Call"], None],
-                 call_id: str | None = None, toolbox: Toolbox | None = None) -> None:
+                 call_id: str | None = None, toolbox: Toolbox | None = None, locked: dict[str, Any] | None = None,
+                 token_nonce: str | None = None) -> None:
         self.id = call_id or new_id("rtc")
         self.settings = settings
         self.target = target
         self._on_closed = on_closed
         self.toolbox = toolbox or Toolbox([])
-        self.core = CallCore(interruptions=settings.interruptions, server_tools=self.toolbox.definitions())
+        self.token_nonce = token_nonce  # the client secret it was created with: good for ending it
+        self.core = CallCore(interruptions=settings.interruptions, server_tools=self.toolbox.definitions(),
+                             locked={k: v for k, v in (locked or {}).items() if k != "type"})
         self.history = History(settings.prices)
         self._history_log = Path(settings.history_dir) / f"{self.id}.jsonl" if settings.history_dir else None
         self.recording = StereoTimeline(time.monotonic()) if settings.recordings_dir else None
@@ -100,6 +105,10 @@ class Call:
         self._reconnecting = False  # a session was lost and its replacement is not there yet: audio is dropped
         self._recent_audio: deque[str] = deque(maxlen=RECENT_AUDIO_CHUNKS)  # given to a rollover's new session
         self._last_upstream_error: str | None = None  # the code, when the upstream's last event was an error
+        self._fatal_error: str | None = None  # a fatal code the upstream sent (a refused key): no reconnect
+        self._switched = asyncio.Event()  # a new session replaced the one being read
+        self._events_sent = 0  # events other than audio written upstream, and when the last one was
+        self._event_sent_at = 0.0
         self._session_opened_at = 0.0  # wall clock, like expires_at
         self._expires_at: Any = None  # the upstream session's, from its session.created
         self._tools_running = 0
@@ -113,7 +122,7 @@ class Call:
     async def start(self, offer_sdp: str, session: dict[str, Any] | None) -> str:
         """Negotiate with the client and open the upstream, concurrently; return the answer SDP."""
         # A resumed call's session starts with the earlier conversation, as text, before the user speaks.
-        upstream = asyncio.create_task(self._open_upstream(session, self.history.replay_items()))
+        upstream = asyncio.create_task(self._open_upstream(session, self.history.replay_items(), from_client=True))
         try:
             answer = await self._negotiate(offer_sdp)
             ws, initial_events = await upstream
@@ -248,11 +257,11 @@ class Call:
 
     # --- upstream side -----------------------------------------------------------------------------------------
 
-    async def _open_upstream(self, session: dict[str, Any] | None, replay: list[dict[str, Any]]
-                             ) -> tuple[websockets.ClientConnection, list[str]]:
+    async def _open_upstream(self, session: dict[str, Any] | None, replay: list[dict[str, Any]],
+                             from_client: bool = False) -> tuple[websockets.ClientConnection, list[str]]:
         return await open_upstream(
             self.target, session, self.settings.upstream_timeout_s, keep_talking=not self.settings.interruptions,
-            tools=self.core.server_tools, replay=replay,
+            tools=self.core.server_tools, replay=replay, from_client=from_client,
         )
 
     def _adopt(self, ws: websockets.ClientConnection, events: list[str], first: bool = False) -> None:
@@ -260,7 +269,7 @@ class Call:
         session, then what its set-up caused): the client gets them for the call's first session only; for a
         later one it has had them already, and the conversation it knows is the same."""
         self.ws = ws
-        self._last_upstream_error = None
+        self._last_upstream_error = self._fatal_error = None
         created = json.loads(events[0])  # open_upstream's own serialisation of session.created
         session = created.get("session") if isinstance(created.get("session"), dict) else {}
         self._session_opened_at, self._expires_at = time.time(), session.get("expires_at")
@@ -276,22 +285,33 @@ class Call:
         while True:
             ws = self.ws
             assert ws is not None
-            with contextlib.suppress(websockets.ConnectionClosedError):
-                async for text in ws:
-                    if ws is not self.ws:
-                        break  # replaced (a rollover): the rest of the old session's events are not wanted
-                    if isinstance(text, str):
-                        self._on_upstream_text(text)
+            self._switched.clear()
+            # Replaced (a rollover), the old session is dropped at once, not after its close handshake.
+            reader, switched = asyncio.ensure_future(self._read_session(ws)), asyncio.ensure_future(self._switched.wait())
+            try:
+                await asyncio.wait({reader, switched}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (reader, switched):
+                    task.cancel()
+                await asyncio.gather(reader, switched, return_exceptions=True)
             if ws is self.ws and not await self._reconnect(ws):
                 return
+
+    async def _read_session(self, ws: websockets.ClientConnection) -> None:
+        with contextlib.suppress(websockets.ConnectionClosedError):
+            async for text in ws:
+                if ws is not self.ws:
+                    return  # replaced: the rest of the old session's events are not wanted
+                if isinstance(text, str):
+                    self._on_upstream_text(text)
 
     async def _reconnect(self, lost: websockets.ClientConnection) -> bool:
         """The upstream session `lost` ended: open a new one with the session configuration and the conversation,
         trying again with backoff; False when there is no point (a refused key) or the retries are spent, and the
         call is ending."""
         expired = self._last_upstream_error == "session_expired"
-        if is_fatal(lost.close_code, self._last_upstream_error) or self.settings.upstream_retries == 0:
-            detail = self._last_upstream_error or f"close code {lost.close_code}"
+        if is_fatal(lost.close_code, self._fatal_error) or self.settings.upstream_retries == 0:
+            detail = self._fatal_error or self._last_upstream_error or f"close code {lost.close_code}"
             self._give_up("upstream_closed", f"The connection to the model service ended ({detail}).")
             return False
         reason = "session_expired" if expired else f"connection closed ({lost.close_code})"
@@ -351,6 +371,7 @@ class Call:
         self._upstream_outbox_bytes = sum(map(len, pending))
         self._adopt(ws, events)
         self._upstream_ready.set()
+        self._switched.set()
         if old is not None and old is not ws:
             self._spawn(old.close(), "old-upstream-close")
 
@@ -370,7 +391,7 @@ class Call:
                 await asyncio.sleep(0.1)
             if self.ws is not old:
                 continue  # replaced meanwhile (it expired and was reconnected): a new session, a new due time
-            said = len(self.history.entries)
+            said, revision, sent = len(self.history.entries), self.history.revision, self._events_sent
             replay = self.history.replay_items()
             try:
                 ws, events = await self._open_upstream(session_to_replay(self.core.session), replay)
@@ -380,7 +401,12 @@ class Call:
                     return  # a refused key: the session ends at its expiry, and the call with it
                 await asyncio.sleep(ROLLOVER_RETRY_S)
                 continue
-            if self.ws is old and self._quiet() and len(self.history.entries) == said:
+            # Switch only if the old session has had nothing since the replay was taken (no correction of the
+            # history, no event a client or the relay sent: a session.update, a response.create whose answer is
+            # still on its way) and nothing sent to it lately either.
+            unchanged = self.history.revision == revision and self._events_sent == sent
+            settled = time.monotonic() - self._event_sent_at > ROLLOVER_SETTLE_S
+            if self.ws is old and self._quiet() and unchanged and settled:
                 self._switch_to(ws, events, recent_audio=True, since=said)
                 self.rollovers += 1
                 log.info("call %s: upstream session rolled over (%d items replayed)", self.id, len(replay))
@@ -406,7 +432,10 @@ class Call:
             self._on_audio_delta(event)
             return
         self._last_upstream_error = _error_code(event) if kind == "error" else None
-        if self._last_upstream_error == "session_expired" and self.settings.upstream_retries:
+        if self._last_upstream_error is not None and is_fatal(None, self._last_upstream_error):
+            self._fatal_error = self._last_upstream_error
+        if self._last_upstream_error == "session_expired" and self.settings.upstream_retries and self.ws is not None:
+            self._spawn(self.ws.close(), "expired-upstream-close")  # do not wait for the service to close it
             return  # the relay opens a new session: for the client, the conversation goes on
         if kind == "response.output_audio.done" and event.get("item_id") == self._framing_item:
             last = self._framer.flush()
@@ -451,6 +480,9 @@ class Call:
                 ws = self.ws
                 text = self._upstream_outbox.popleft()
                 self._upstream_outbox_bytes -= len(text)
+                if not text.startswith('{"type":"input_audio_buffer.append"'):
+                    self._events_sent += 1
+                    self._event_sent_at = time.monotonic()
                 try:
                     await ws.send(text)
                 except websockets.ConnectionClosed:
@@ -696,8 +728,11 @@ async def create_call(request: web.Request) -> web.Response:
                               "resumed (transcripts outlive a call in memory for the last calls only; set "
                               "RELAY_HISTORY_DIR to keep them).", param="resume")
     call_id = request.app[WORKER].call_id(new_id("rtc"))  # says which worker owns it
+    locked = request.get(TOKEN_SESSION)  # a client secret's session: its fields win, and stay
+    if locked:
+        session = {**(session or {}), **locked}
     call = Call(settings, request.app[TARGET], on_closed=lambda c: _ended(request.app, c), call_id=call_id,
-                toolbox=request.app[TOOLBOX])
+                toolbox=request.app[TOOLBOX], locked=locked, token_nonce=request.get(TOKEN_NONCE))
     if earlier is not None:
         call.history = History.resuming(earlier, resume, settings.prices)
     try:

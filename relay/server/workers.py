@@ -16,6 +16,7 @@ import ctypes
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -38,6 +39,7 @@ DIGITS = string.digits + string.ascii_letters  # base 62, as in the ids
 FORWARDED = "X-Relay-Forwarded"
 MAX_RESTARTS_PER_MINUTE = 5
 FORWARD_TIMEOUT = ClientTimeout(total=10)
+SECRETS = {name for name, info in Settings.model_fields.items() if "SecretStr" in str(info.annotation)}
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 
 
@@ -85,13 +87,13 @@ def routing_middleware(worker: Worker, calls_key: web.AppKey):
         if call_id and call_id not in request.app[calls_key] and FORWARDED not in request.headers:
             owner = worker.other_owner(call_id)
             if owner is not None:
-                return await _forward(request, worker, owner)
+                return await forward(request, worker, owner)
         return await handler(request)
 
     return route
 
 
-async def _forward(request: web.Request, worker: Worker, owner: int) -> web.Response:
+async def forward(request: web.Request, worker: Worker, owner: int) -> web.Response:
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
     answer = await ask_worker(worker, owner, request.path_qs, request.method, headers, await request.read())
     if answer is None:
@@ -137,13 +139,16 @@ def _resolve_port(host: str, port: int) -> tuple[socket.socket, int]:
     return probe, port
 
 
-def _child_env(settings: Settings, port: int, index: int, count: int, sockets: Path) -> dict[str, str]:
+def _child_env(settings: Settings, port: int, index: int, count: int, sockets: Path, token_secret: str
+               ) -> dict[str, str]:
     """The worker's settings, as the environment it reads them from (secrets are inherited as they are)."""
     env = dict(os.environ)
     for name, value in settings.model_dump(mode="json").items():
-        if name in ("openai_api_key", "upstream_api_key") or value is None:
+        if name in SECRETS or value is None:
             continue
         env[Settings.env_name(name)] = value if isinstance(value, str) else json.dumps(value)
+    if settings.token_secret is None:  # the workers must share one, or a token minted by one fails at another
+        env[Settings.env_name("token_secret")] = token_secret
     env |= {"RELAY_PORT": str(port), "RELAY_WORKERS": "1", "RELAY_WORKER_INDEX": str(index),
             "RELAY_WORKER_COUNT": str(count), "RELAY_WORKER_SOCKETS": str(sockets)}
     return env
@@ -168,10 +173,11 @@ def run_master(settings: Settings) -> int:
     children: list[subprocess.Popen] = []
     stopping = False
     sockets = Path(tempfile.mkdtemp(prefix="relay-workers-"))
+    token_secret = secrets.token_urlsafe(32)  # used when the operator set none: one for all workers, restarts too
 
     def spawn(index: int) -> subprocess.Popen:
         child = subprocess.Popen([sys.executable, "-m", "relay", "serve"], preexec_fn=_die_with_the_master,
-                                 env=_child_env(settings, port, index, count, sockets))
+                                 env=_child_env(settings, port, index, count, sockets, token_secret))
         if stopping:  # a signal came while it started: it must stop too
             child.send_signal(signal.SIGTERM)
         return child

@@ -43,6 +43,7 @@ class UpstreamError(Exception):
 async def open_upstream(
     target: UpstreamTarget, session: dict[str, Any] | None, timeout: float, keep_talking: bool = False,
     tools: list[dict[str, Any]] | None = None, replay: list[dict[str, Any]] | None = None,
+    from_client: bool = True,
 ) -> tuple[websockets.ClientConnection, list[str]]:
     """Connect and prepare the session. Returns the socket and the events for the client (JSON text, forwarded
     once its data channel opens): one `session.created` carrying the effective session, as OpenAI's WebRTC
@@ -56,7 +57,10 @@ async def open_upstream(
     `tools`: the relay's own tools, added to the session's (replacing any of the same name).
 
     `replay`: conversation items the session starts with (an earlier conversation, as text); the socket is
-    returned once the session has taken them all, and the events about them are among the returned ones."""
+    returned once the session has taken them all, and the events about them are among the returned ones.
+
+    `from_client`: `session` is what a client posted (a refusal is its fault: 400); else it is the relay's own
+    replay of an earlier session's configuration (a refusal is the upstream's: 502, fatal only for fatal codes)."""
     assert target.url is not None
     try:
         ws = await asyncio.wait_for(
@@ -87,7 +91,8 @@ async def open_upstream(
         effective = created.get("session") if isinstance(created.get("session"), dict) else {}
         if session is not None:
             await ws.send(json.dumps({"type": "session.update", "event_id": "relay_initial_session", "session": session}))
-            effective = (await _expect(ws, "session.updated", others, timeout, client_input=True)).get("session") or effective
+            effective = (await _expect(ws, "session.updated", others, timeout, client_input=from_client)
+                         ).get("session") or effective
         audio_in = (effective.get("audio") or {}).get("input") or {}
         turn_detection = audio_in.get("turn_detection") if isinstance(audio_in, dict) else None
         if keep_talking and isinstance(turn_detection, dict) and turn_detection.get("interrupt_response") is not False:

@@ -212,3 +212,22 @@ async def test_what_a_client_sends_during_a_reconnect_reaches_the_new_session_on
         assert [e["type"] for e in new.received].count("response.create") == 1
     finally:
         await call.close()
+
+
+async def test_a_rollover_waits_when_the_client_changes_the_session_while_the_next_is_prepared(simulator, served):
+    app, url = await served("&sim_max_session_s=10", rollover_before_s="6")
+    call = await call_relay(url, session=SESSION)
+    simulator.reconfigure(stall_after_events=0, stall_s=1.5)  # the next session is slow to open
+    try:
+        await call.wait_for("session.created")
+        await simulator.recorder.wait_for(lambda: len(simulator.recorder.sessions) == 2, timeout=10)
+        call.send({"type": "session.update", "session": {"type": "realtime", "instructions": "Speak French."}})
+        await call.wait_for(lambda e: e["type"] == "session.updated" and e["session"]["instructions"] == "Speak French.")
+        simulator.reconfigure(stall_after_events=0, stall_s=0.0)
+        await call.wait_for("relay.upstream.rolled_over", timeout=10)
+        prepared_first, switched_to = simulator.recorder.sessions[1], simulator.recorder.sessions[-1]
+        assert len(simulator.recorder.sessions) == 3 and prepared_first.ended_at  # the first one was dropped
+        assert any(update.get("instructions") == "Speak French." for update in _session_updates(switched_to))
+        assert app[CALLS][call.call_id].core.session["instructions"] == "Speak French."
+    finally:
+        await call.close()

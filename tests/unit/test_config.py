@@ -20,7 +20,8 @@ def test_defaults():
 
 
 def test_env_applies():
-    settings = Settings.load(env={"RELAY_PORT": "9000", "RELAY_HOST": "0.0.0.0", "RELAY_LOG_LEVEL": "debug"})
+    settings = Settings.load(env={"RELAY_PORT": "9000", "RELAY_HOST": "0.0.0.0", "RELAY_LOG_LEVEL": "debug",
+                                   "RELAY_API_KEYS": "k"})
     assert (settings.host, settings.port, settings.log_level) == ("0.0.0.0", 9000, "debug")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from relay.core.call import CallCore
+from relay.core.call import CallCore, ToClient
 from relay.core.history import History
 from relay.core.reconnect import (
     BACKOFF_CAP_S, backoff_delays, is_fatal, rollover_at, session_to_replay, still_to_send,
@@ -49,12 +49,15 @@ def test_a_new_session_gets_what_still_means_something_to_it():
 
     audio = '{"type":"input_audio_buffer.append","audio":"AAAA"}'
     update = text({"type": "session.update", "session": {"type": "realtime", "instructions": "x"}})
-    item = text({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": []}})
+    item = text({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+                                                              "content": [{"type": "input_text", "text": "Hi."}]}})
+    spoken = text({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+                                                                "content": [{"type": "input_audio", "audio": "AAAA"}]}})
     own_truncate = text({"type": "conversation.item.truncate", "event_id": "relay_evt_1", "item_id": "it"})
     own_respond = text({"type": "response.create", "event_id": "relay_evt_2"})
     client_cancel = text({"type": "response.cancel", "event_id": "evt_client"})
-    assert still_to_send([audio, update, item, own_truncate, own_respond, client_cancel]) == \
-        [update, own_respond, client_cancel]
+    assert still_to_send([audio, update, item, spoken, own_truncate, own_respond, client_cancel]) == \
+        [update, spoken, own_respond, client_cancel]  # the spoken item has no text for the replay: it goes as is
 
 
 def test_a_lost_reply_gets_its_response_done_and_its_audio_still_plays():
@@ -72,6 +75,14 @@ def test_a_lost_reply_gets_its_response_done_and_its_audio_still_plays():
     assert sent == 3 and client_types(actions) == ["output_audio_buffer.stopped"]
     assert core.idle and core.quiet
     assert core.upstream_lost() == []  # nothing under way: nothing to end
+
+
+def test_a_tool_output_waiting_for_a_lost_reply_asks_the_new_session_to_answer():
+    core = CallCore(server_tools=[{"type": "function", "name": "lookup", "parameters": {}}])
+    start_response(core)
+    actions = core.tool_outputs([("call_1", "42")])  # a reply is under way: the request waits for its end
+    assert [a.event["type"] for a in actions] == ["conversation.item.create"]
+    assert [a.event["type"] for a in core.upstream_lost() if not isinstance(a, ToClient)] == ["response.create"]
 
 
 def test_the_user_speaking_is_not_a_quiet_moment():

@@ -1,0 +1,277 @@
+"""Who may use the relay: server-side API keys, ephemeral client secrets, and browser origins.
+
+- Backends authenticate with a key of `RELAY_API_KEYS`, sent as `Authorization: Bearer <key>`.
+- A backend mints a client secret (`POST /v1/realtime/client_secrets`, OpenAI's shape) for one app or browser: an
+  `ek_…` token, signed, valid for a short time and for one call, optionally carrying a session configuration that
+  call starts with and its client cannot change.
+- Browsers: a request carrying an `Origin` must come from the relay's own page or an origin of
+  `RELAY_ALLOWED_ORIGINS`.
+
+With no key configured the relay is open; it starts that way only on loopback, or with `--insecure`.
+
+Tokens are `ek_<payload>.<signature>`: the payload (base64url JSON) names the worker that minted it, a nonce and
+the expiry; the signature is HMAC-SHA256 with the relay's token secret (shared by its workers). The minting worker
+keeps the token's session and whether it was used, so a call with a token is created by that worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from relay.config import Settings
+from relay.server.workers import FORWARDED, Worker, forward
+
+TOKEN_PREFIX = "ek_"
+MIN_TTL_S, MAX_TTL_S = 10, 7200  # OpenAI's bounds for expires_after.seconds
+MAX_UNUSED_TOKENS = 100_000  # minted and not yet used or expired; beyond it minting is refused (429)
+
+
+class TokenError(Exception):
+    """Why a token is refused; the message is safe to show the client."""
+
+
+@dataclass(frozen=True)
+class Claims:
+    worker: int
+    nonce: str
+    expires_at: int
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass
+class Tokens:
+    """Minting and checking client secrets, sans-I/O (times are passed in)."""
+
+    secret: bytes
+    worker: int = 0
+    _unused: dict[str, tuple[int, dict[str, Any] | None]] = field(default_factory=dict)  # nonce -> (expiry, session)
+
+    def mint(self, session: dict[str, Any] | None, ttl_s: int, now: float) -> tuple[str, int]:
+        """A new token and its expiry (unix seconds)."""
+        self._forget_expired(now)
+        if len(self._unused) >= MAX_UNUSED_TOKENS:
+            raise TokenError("Too many client secrets are outstanding; try again later.")
+        nonce = secrets.token_urlsafe(12)
+        expires_at = int(now + ttl_s)
+        payload = _b64(json.dumps({"w": self.worker, "n": nonce, "exp": expires_at}, separators=(",", ":")).encode())
+        self._unused[nonce] = (expires_at, session)
+        return f"{TOKEN_PREFIX}{payload}.{self._sign(payload)}", expires_at
+
+    def check(self, token: str, now: float) -> Claims:
+        """The claims of a token this relay signed and that has not expired (any worker can check this)."""
+        try:
+            payload, signature = token.removeprefix(TOKEN_PREFIX).split(".")
+            if not hmac.compare_digest(signature, self._sign(payload)):
+                raise TokenError("The client secret is not valid.")
+            claims = json.loads(_unb64(payload))
+            result = Claims(int(claims["w"]), str(claims["n"]), int(claims["exp"]))
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise TokenError("The client secret is not valid.") from None
+        if now >= result.expires_at:
+            raise TokenError("The client secret has expired.")
+        return result
+
+    def signed_nonce(self, token: str) -> str | None:
+        """The nonce of a token this relay signed, expired or not (a call outlives its token); None otherwise."""
+        try:
+            return self.check(token, now=float("-inf")).nonce
+        except TokenError:
+            return None
+
+    def redeem(self, claims: Claims, now: float) -> dict[str, Any] | None:
+        """Use the token (by the worker that minted it): its session; a second use is refused."""
+        entry = self._unused.pop(claims.nonce, None)
+        if entry is None or now >= entry[0]:
+            raise TokenError("The client secret has already been used.")
+        return entry[1]
+
+    def _sign(self, payload: str) -> str:
+        return _b64(hmac.new(self.secret, payload.encode(), hashlib.sha256).digest())
+
+    def _forget_expired(self, now: float) -> None:
+        if len(self._unused) >= 1000:
+            for nonce in [n for n, (expiry, _) in self._unused.items() if now >= expiry]:
+                del self._unused[nonce]
+
+
+def bearer(authorization: str | None) -> str | None:
+    if authorization and authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip() or None
+    return None
+
+
+def is_api_key(presented: str, keys: list[str]) -> bool:
+    """Compared in constant time, against every key (the time taken does not say which one nearly matched)."""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(presented.encode(), key.encode())
+    return found
+
+
+def ttl_of(body: Any, default_s: int) -> int:
+    """`expires_after.seconds` of a client_secrets request (anchored at created_at, as OpenAI's), else the default."""
+    expires_after = body.get("expires_after") if isinstance(body, dict) else None
+    if expires_after is None:
+        return default_s
+    seconds = expires_after.get("seconds") if isinstance(expires_after, dict) else None
+    anchor = expires_after.get("anchor", "created_at") if isinstance(expires_after, dict) else None
+    if anchor != "created_at" or not isinstance(seconds, int) or isinstance(seconds, bool) \
+            or not MIN_TTL_S <= seconds <= MAX_TTL_S:
+        raise ValueError(f"expires_after must be {{\"anchor\": \"created_at\", \"seconds\": {MIN_TTL_S}..{MAX_TTL_S}}}")
+    return seconds
+
+
+def now() -> float:
+    return time.time()
+
+
+# --- the aiohttp adapter -----------------------------------------------------------------------------------------
+
+TOKENS: web.AppKey[Tokens] = web.AppKey("tokens")
+# Request keys: the redeemed token's session and nonce (typed keys where aiohttp has them, ≥ 3.12).
+_RequestKey = getattr(web, "RequestKey", None)
+TOKEN_SESSION: Any = _RequestKey("token_session", object) if _RequestKey else "relay.token_session"
+TOKEN_NONCE: Any = _RequestKey("token_nonce", object) if _RequestKey else "relay.token_nonce"
+API_PREFIX = "/v1/realtime/"
+CORS_HEADERS = {"Access-Control-Allow-Methods": "GET, POST, DELETE",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                "Access-Control-Expose-Headers": "Location", "Access-Control-Max-Age": "600", "Vary": "Origin"}
+
+
+def refusal(status: int, code: str, message: str) -> web.Response:
+    body = {"error": {"message": message, "type": "invalid_request_error", "code": code, "param": None}}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return web.json_response(body, status=status, headers=headers)
+
+
+def origin_allowed(request: web.Request, allowed: list[str]) -> bool:
+    origin = request.headers.get("Origin")
+    return origin is None or origin == f"{request.scheme}://{request.host}" or "*" in allowed or origin in allowed
+
+
+def auth_middleware(settings: Settings, worker: Worker, calls_key: web.AppKey):
+    """Origins first (a browser on a foreign page is refused whatever it carries), then who is asking."""
+    keys = [key.get_secret_value() for key in settings.api_keys]
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler):
+        if not request.path.startswith((API_PREFIX, "/relay/")):
+            return await handler(request)  # the page, its files, health
+        if not origin_allowed(request, settings.allowed_origins):
+            return refusal(403, "origin_not_allowed", "Requests from this page's origin are not allowed "
+                           "(RELAY_ALLOWED_ORIGINS).")
+        cors = {"Access-Control-Allow-Origin": request.headers["Origin"], **CORS_HEADERS} \
+            if "Origin" in request.headers else {}
+        if request.method == "OPTIONS":
+            return web.Response(status=204, headers=cors)
+        response = await _authorised(request, handler, keys, worker, calls_key)
+        response.headers.update(cors)
+        return response
+
+    return authenticate
+
+
+async def _authorised(request: web.Request, handler, keys: list[str], worker: Worker, calls_key: web.AppKey):
+    presented = bearer(request.headers.get("Authorization"))
+    creating = request.method == "POST" and request.path == "/v1/realtime/calls"
+    if presented is not None and presented.startswith(TOKEN_PREFIX) and (creating or not keys):
+        return await _with_token(request, handler, presented, worker, creating)
+    if not keys or not request.path.startswith(API_PREFIX):
+        return await handler(request)  # open access; /relay/ (client config) is for any client
+    if presented is None:
+        return refusal(401, "missing_api_key", "Send an API key (or a client secret) as 'Authorization: Bearer'.")
+    if is_api_key(presented, keys):
+        return await handler(request)
+    if presented.startswith(TOKEN_PREFIX):
+        return await _token_on_its_call(request, handler, presented, calls_key)
+    return refusal(401, "invalid_api_key", "The API key is not valid.")
+
+
+async def _with_token(request: web.Request, handler, token: str, worker: Worker, creating: bool):
+    tokens = request.app[TOKENS]
+    try:
+        claims = tokens.check(token, now())
+    except TokenError as exc:
+        return refusal(401, "invalid_client_secret", str(exc))
+    if not creating:
+        return await handler(request)  # open access: a token is as good as nothing
+    if claims.worker != worker.index:
+        if claims.worker >= worker.count or FORWARDED in request.headers:
+            return refusal(401, "invalid_client_secret", "The client secret is not valid.")
+        return await forward(request, worker, claims.worker)  # its minter knows whether it was used
+    try:
+        request[TOKEN_SESSION] = tokens.redeem(claims, now())
+    except TokenError as exc:
+        return refusal(401, "invalid_client_secret", str(exc))
+    request[TOKEN_NONCE] = claims.nonce
+    return await handler(request)
+
+
+async def _token_on_its_call(request: web.Request, handler, token: str, calls_key: web.AppKey):
+    """A used client secret still works for its own call (to hang it up), however long the call lasts."""
+    call_id = request.match_info.get("call_id")
+    call = request.app[calls_key].get(call_id) if call_id else None
+    if call is None and call_id:
+        return await handler(request)  # another worker's call (forwarded there, and checked there) or none: 404
+    if call is not None and call.token_nonce is not None and call.token_nonce == request.app[TOKENS].signed_nonce(token):
+        return await handler(request)
+    return refusal(401, "invalid_api_key", "A client secret is good for creating its call and ending it only.")
+
+
+async def client_secrets(request: web.Request) -> web.Response:
+    """`POST /v1/realtime/client_secrets` `{"expires_after": {"anchor": "created_at", "seconds": N}, "session":
+    {…}}` -> `{"value": "ek_…", "expires_at": …, "session": {…}}`, as OpenAI's. The session's top-level fields are
+    the call's and its client cannot change them."""
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except ValueError:
+        return _bad("invalid_json", "The body is not valid JSON.", None)
+    if not isinstance(body, dict):
+        return _bad("invalid_type", "The body must be a JSON object.", None)
+    try:
+        ttl = ttl_of(body, request.app[SETTINGS_KEY].client_secret_ttl_s)
+    except ValueError as exc:
+        return _bad("invalid_value", str(exc), "expires_after")
+    session = body.get("session")
+    if session is not None and not isinstance(session, dict):
+        return _bad("invalid_type", "'session' must be a JSON object.", "session")
+    try:
+        value, expires_at = request.app[TOKENS].mint(session, ttl, now())
+    except TokenError as exc:
+        return web.json_response({"error": {"message": str(exc), "type": "rate_limit_error",
+                                            "code": "too_many_client_secrets", "param": None}}, status=429)
+    return web.json_response({"value": value, "expires_at": expires_at, "session": session or {}})
+
+
+def _bad(code: str, message: str, param: str | None) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": "invalid_request_error", "code": code,
+                                        "param": param}}, status=400)
+
+
+SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("auth_settings")
+
+
+def add_auth(app: web.Application, settings: Settings, worker: Worker, calls_key: web.AppKey) -> None:
+    """Install the checks in front of every other middleware, and the client_secrets route."""
+    secret = settings.token_secret.get_secret_value().encode() if settings.token_secret else secrets.token_bytes(32)
+    app[TOKENS] = Tokens(secret, worker.index)
+    app[SETTINGS_KEY] = settings
+    app.middlewares.insert(0, auth_middleware(settings, worker, calls_key))
+    app.router.add_post("/v1/realtime/client_secrets", client_secrets)
