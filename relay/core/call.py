@@ -29,6 +29,7 @@ LIVE_TARGET_FRAMES = 2
 # The relay carries PCM16 at 24 kHz to the upstream and back, whatever a client asks for: over WebRTC the codec is
 # Opus and the upstream format is the relay's business (as on OpenAI's own WebRTC endpoint).
 UPSTREAM_FORMAT = {"type": "audio/pcm", "rate": 24000}
+LOCKABLE = {"session.update": "session", "response.create": "response"}  # client events that set session fields
 
 
 @dataclass
@@ -168,7 +169,7 @@ class CallCore:
         self.user_speaking = False
         self._flushed.clear()  # their late events cannot come any more
         if lost is not None:
-            actions.append(ToClient(_event("response.done", response={
+            actions.append(ToClient(new_event("response.done", response={
                 "id": lost, "object": "realtime.response", "status": "failed", "output": [],
                 "status_details": {"type": "failed", "error": {
                     "type": "server_error", "code": "upstream_lost",
@@ -282,7 +283,7 @@ class CallCore:
         actions: list[Action] = []
         if self._playing != response_id:
             self._playing = response_id
-            actions.append(ToClient(_event("output_audio_buffer.started", response_id=response_id)))
+            actions.append(ToClient(new_event("output_audio_buffer.started", response_id=response_id)))
         actions += self._maybe_stopped(response_id)
         return frame, actions
 
@@ -310,7 +311,7 @@ class CallCore:
             return []
         self._forget(response_id)
         self._playing = None
-        return [ToClient(_event("output_audio_buffer.stopped", response_id=response_id))]
+        return [ToClient(new_event("output_audio_buffer.stopped", response_id=response_id))]
 
     def _forget(self, response_id: str) -> None:
         self._done.discard(response_id)
@@ -341,7 +342,7 @@ class CallCore:
                 )))
                 # OpenAI drops a truncated item's transcript; only the relay knows how much of the audio it has
                 # (so far) was heard, which lets a client mark the unheard part of the transcript it received.
-                actions.append(ToClient(_event(
+                actions.append(ToClient(new_event(
                     "relay.item.truncated", item_id=item.item_id, audio_end_ms=item.heard_ms,
                     audio_received_ms=int(item.received_ms),
                 )))
@@ -350,7 +351,7 @@ class CallCore:
                 actions.append(ToUpstream(self.own_event("conversation.item.delete", item_id=item.item_id)))
         if had_audio:
             cleared = self._playing or self._active_response or next(iter(responses))
-            actions.append(ToClient(_event("output_audio_buffer.cleared", response_id=cleared)))
+            actions.append(ToClient(new_event("output_audio_buffer.cleared", response_id=cleared)))
         for response_id in responses:
             self._forget(response_id)
             if response_id == self._active_response:
@@ -382,13 +383,12 @@ class CallCore:
             )))], None
         if kind == "output_audio_buffer.clear":
             return self.flush(), None
-        section = event.get("session") if kind == "session.update" else event.get("response") \
-            if kind == "response.create" else None
+        where = LOCKABLE.get(kind)  # the part of the event that may carry locked fields
+        section = event.get(where) if where else None
         refused = self._refuse_locked(section) if isinstance(section, dict) else []
         actions: list[Action] = [ToClient(_error_event(ProtocolError(
             "field_locked", f"'{field}' is set by the operator for this call and cannot be changed; the rest of the "
-            "event was applied.", f"{'session' if kind == 'session.update' else 'response'}.{field}",
-            event_id_of(event)))) for field in refused]
+            "event was applied.", f"{where}.{field}", event_id_of(event)))) for field in refused]
         self.stats.client_errors += bool(refused)
         if kind == "session.update" and (self._adapt_session(event.get("session")) or refused):
             return actions, json.dumps(event, separators=(",", ":"))
@@ -466,12 +466,13 @@ def _is_silence(frame: bytes) -> bool:
     return int(samples.max()) < SILENCE_PEAK and int(samples.min()) > -SILENCE_PEAK
 
 
-def _event(event_type: str, **fields: Any) -> dict[str, Any]:
+def new_event(event_type: str, **fields: Any) -> dict[str, Any]:
+    """An event the relay itself sends the client (its own `relay.*` ones, and those it speaks for the service)."""
     return {"type": event_type, "event_id": new_id("event"), **fields}
 
 
 def _error_event(error: ProtocolError) -> dict[str, Any]:
-    return _event("error", error=error.detail())
+    return new_event("error", error=error.detail())
 
 
 def error_event(code: str, message: str, error_type: str = "invalid_request_error") -> dict[str, Any]:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay.protocol import new_id
+from relay.core.call import new_event
 
 MAX_PARTIAL_CHARS = 64 * 1024  # words kept of one reply under way (a reply of 15 minutes is about 15,000 chars)
 USAGE_FIELDS = ("audio_input", "cached_audio_input", "text_input", "cached_text_input", "audio_output", "text_output")
@@ -236,8 +236,8 @@ class History:
         self.usage.cost_usd += cost
         self._add({"role": "relay", "type": "usage", "response_id": response.get("id"), "tokens": tokens,
                    "cost_usd": round(cost, 6)})
-        return {"type": "relay.usage", "event_id": new_id("event"), "response_id": response.get("id"),
-                "tokens": tokens, "cost_usd": round(cost, 6), "total": self.usage.as_dict()}
+        return new_event("relay.usage", response_id=response.get("id"), tokens=tokens, cost_usd=round(cost, 6),
+                         total=self.usage.as_dict())
 
 
 def _entry_of(item: dict[str, Any]) -> dict[str, Any] | None:

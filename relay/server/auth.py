@@ -29,6 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from relay.config import Settings
+from relay.server.errors import error_response
 from relay.server.workers import FORWARDED, Worker, forward
 
 TOKEN_PREFIX = "ek_"
@@ -138,8 +139,6 @@ def ttl_of(body: Any, default_s: int) -> int:
     return seconds
 
 
-def now() -> float:
-    return time.time()
 
 
 # --- the aiohttp adapter -----------------------------------------------------------------------------------------
@@ -156,9 +155,7 @@ CORS_HEADERS = {"Access-Control-Allow-Methods": "GET, POST, DELETE",
 
 
 def refusal(status: int, code: str, message: str) -> web.Response:
-    body = {"error": {"message": message, "type": "invalid_request_error", "code": code, "param": None}}
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return web.json_response(body, status=status, headers=headers)
+    return error_response(status, code, message, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
 
 def origin_allowed(request: web.Request, allowed: list[str]) -> bool:
@@ -207,7 +204,7 @@ async def _authorised(request: web.Request, handler, keys: list[str], worker: Wo
 async def _with_token(request: web.Request, handler, token: str, worker: Worker, creating: bool):
     tokens = request.app[TOKENS]
     try:
-        claims = tokens.check(token, now())
+        claims = tokens.check(token, time.time())
     except TokenError as exc:
         return refusal(401, "invalid_client_secret", str(exc))
     if not creating:
@@ -217,7 +214,7 @@ async def _with_token(request: web.Request, handler, token: str, worker: Worker,
             return refusal(401, "invalid_client_secret", "The client secret is not valid.")
         return await forward(request, worker, claims.worker)  # its minter knows whether it was used
     try:
-        request[TOKEN_SESSION] = tokens.redeem(claims, now())
+        request[TOKEN_SESSION] = tokens.redeem(claims, time.time())
     except TokenError as exc:
         return refusal(401, "invalid_client_secret", str(exc))
     request[TOKEN_NONCE] = claims.nonce
@@ -242,27 +239,21 @@ async def client_secrets(request: web.Request) -> web.Response:
     try:
         body = await request.json() if request.can_read_body else {}
     except ValueError:
-        return _bad("invalid_json", "The body is not valid JSON.", None)
+        return error_response(400, "invalid_json", "The body is not valid JSON.")
     if not isinstance(body, dict):
-        return _bad("invalid_type", "The body must be a JSON object.", None)
+        return error_response(400, "invalid_type", "The body must be a JSON object.")
     try:
         ttl = ttl_of(body, request.app[SETTINGS_KEY].client_secret_ttl_s)
     except ValueError as exc:
-        return _bad("invalid_value", str(exc), "expires_after")
+        return error_response(400, "invalid_value", str(exc), param="expires_after")
     session = body.get("session")
     if session is not None and not isinstance(session, dict):
-        return _bad("invalid_type", "'session' must be a JSON object.", "session")
+        return error_response(400, "invalid_type", "'session' must be a JSON object.", param="session")
     try:
-        value, expires_at = request.app[TOKENS].mint(session, ttl, now())
+        value, expires_at = request.app[TOKENS].mint(session, ttl, time.time())
     except TokenError as exc:
-        return web.json_response({"error": {"message": str(exc), "type": "rate_limit_error",
-                                            "code": "too_many_client_secrets", "param": None}}, status=429)
+        return error_response(429, "too_many_client_secrets", str(exc), "rate_limit_error")
     return web.json_response({"value": value, "expires_at": expires_at, "session": session or {}})
-
-
-def _bad(code: str, message: str, param: str | None) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": "invalid_request_error", "code": code,
-                                        "param": param}}, status=400)
 
 
 SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("auth_settings")

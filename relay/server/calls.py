@@ -27,12 +27,13 @@ from aiortc.exceptions import InvalidStateError
 
 from relay.audio.convert import FRAME_BYTES_24K, Chunker
 from relay.config import Settings
-from relay.core.call import Action, CallCore, RunTools, ToClient, error_event
+from relay.core.call import Action, CallCore, RunTools, ToClient, error_event, new_event
 from relay.core.history import History
 from relay.core.reconnect import backoff_delays, is_fatal, rollover_at, session_to_replay, still_to_send
 from relay.core.recording import RATE as RECORDING_RATE, StereoTimeline
 from relay.tools import ToolContext, Toolbox
 from relay.server.auth import TOKEN_NONCE, TOKEN_SESSION
+from relay.server.errors import error_response
 from relay.protocol import new_id
 from relay.upstream.client import UpstreamError, open_upstream
 from relay.server.workers import Worker, ask_worker, routing_middleware
@@ -59,12 +60,6 @@ class SignalingError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
-
-
-def error_response(status: int, code: str, message: str, error_type: str = "invalid_request_error",
-                   param: str | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": error_type, "code": code, "param": param}}
-    return web.json_response(body, status=status)
 
 
 class Call:
@@ -264,6 +259,14 @@ class Call:
             tools=self.core.server_tools, replay=replay, from_client=from_client,
         )
 
+    async def _open_next_session(self) -> tuple[websockets.ClientConnection, list[str], int, int]:
+        """A session to take over from the current one, given its configuration and the conversation so far:
+        (socket, its first events, history entries it has had, items replayed)."""
+        said = len(self.history.entries)
+        replay = self.history.replay_items()
+        ws, events = await self._open_upstream(session_to_replay(self.core.session), replay)
+        return ws, events, said, len(replay)
+
     def _adopt(self, ws: websockets.ClientConnection, events: list[str], first: bool = False) -> None:
         """Make `ws` the call's upstream session. `events` are its first (session.created with the effective
         session, then what its set-up caused): the client gets them for the call's first session only; for a
@@ -318,15 +321,13 @@ class Call:
         log.info("call %s: upstream session lost (%s), reconnecting", self.id, reason)
         self._upstream_live.clear()
         self._reconnecting = True
-        self._to_client(_relay_event("relay.upstream.reconnecting", reason=reason))
+        self._to_client(new_event("relay.upstream.reconnecting", reason=reason))
         self._end_lost_reply()
         for attempt, delay in enumerate(backoff_delays(self.settings.upstream_retries,
                                                        self.settings.upstream_retry_backoff_s), start=1):
             await asyncio.sleep(delay)
-            said = len(self.history.entries)
-            replay = self.history.replay_items()
             try:
-                ws, events = await self._open_upstream(session_to_replay(self.core.session), replay)
+                ws, events, said, replayed = await self._open_next_session()
             except UpstreamError as exc:
                 log.warning("call %s: reconnect attempt %d failed: %s", self.id, attempt, exc.code)
                 if exc.fatal:
@@ -336,9 +337,9 @@ class Call:
             self._switch_to(ws, events, recent_audio=False, since=said)
             self._reconnecting = False
             self.reconnects += 1
-            log.info("call %s: upstream reconnected (attempt %d, %d items replayed)", self.id, attempt, len(replay))
-            self._to_client(_relay_event("relay.upstream.reconnected", attempt=attempt, replayed_items=len(replay),
-                                         expires_at=self._expires_at))
+            log.info("call %s: upstream reconnected (attempt %d, %d items replayed)", self.id, attempt, replayed)
+            self._to_client(new_event("relay.upstream.reconnected", attempt=attempt, replayed_items=replayed,
+                                      expires_at=self._expires_at))
             return True
         self._give_up("upstream_unavailable", "The connection to the model service was lost and could not be made "
                       f"again ({self.settings.upstream_retries} attempts).")
@@ -391,10 +392,9 @@ class Call:
                 await asyncio.sleep(0.1)
             if self.ws is not old:
                 continue  # replaced meanwhile (it expired and was reconnected): a new session, a new due time
-            said, revision, sent = len(self.history.entries), self.history.revision, self._events_sent
-            replay = self.history.replay_items()
+            revision, sent = self.history.revision, self._events_sent
             try:
-                ws, events = await self._open_upstream(session_to_replay(self.core.session), replay)
+                ws, events, said, replayed = await self._open_next_session()
             except UpstreamError as exc:
                 log.warning("call %s: rollover failed: %s", self.id, exc.code)
                 if exc.fatal:
@@ -409,9 +409,9 @@ class Call:
             if self.ws is old and self._quiet() and unchanged and settled:
                 self._switch_to(ws, events, recent_audio=True, since=said)
                 self.rollovers += 1
-                log.info("call %s: upstream session rolled over (%d items replayed)", self.id, len(replay))
-                self._to_client(_relay_event("relay.upstream.rolled_over", replayed_items=len(replay),
-                                             expires_at=self._expires_at))
+                log.info("call %s: upstream session rolled over (%d items replayed)", self.id, replayed)
+                self._to_client(new_event("relay.upstream.rolled_over", replayed_items=replayed,
+                                          expires_at=self._expires_at))
             else:  # the conversation moved on while the new session was prepared: its replay is out of date
                 await ws.close()
                 await asyncio.sleep(ROLLOVER_RETRY_S)
@@ -868,10 +868,6 @@ def _open_stereo_wav(path: Path) -> wave.Wave_write:
     wav.setsampwidth(2)
     wav.setframerate(RECORDING_RATE)
     return wav
-
-
-def _relay_event(event_type: str, **fields: Any) -> dict[str, Any]:
-    return {"type": event_type, "event_id": new_id("event"), **fields}
 
 
 def _error_code(event: dict[str, Any]) -> str | None:

@@ -32,6 +32,7 @@ from typing import Any
 from aiohttp import ClientError, ClientSession, ClientTimeout, UnixConnector, web
 
 from relay.config import Settings
+from relay.server.errors import error_response
 
 log = logging.getLogger("relay")
 
@@ -97,9 +98,8 @@ async def forward(request: web.Request, worker: Worker, owner: int) -> web.Respo
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
     answer = await ask_worker(worker, owner, request.path_qs, request.method, headers, await request.read())
     if answer is None:
-        body = {"error": {"message": "The worker that owns this call is not available.", "type": "server_error",
-                          "code": "worker_unavailable", "param": None}}
-        return web.json_response(body, status=503)
+        return error_response(503, "worker_unavailable", "The worker that owns this call is not available.",
+                              "server_error")
     status, response_headers, payload = answer
     kept = {k: v for k, v in response_headers.items() if k.lower() not in _HOP_HEADERS}
     return web.Response(status=status, body=payload, headers=kept)
