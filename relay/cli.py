@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from relay import __version__
+from pydantic import SecretStr
+
 from relay.config import Settings, SettingsError
+from relay.logs import setup_logging
 from relay.simulator.config import ALL_KNOBS, KnobError, SimConfig, with_overrides
 from relay.simulator.config import HELP as SIM_HELP
 
@@ -22,13 +25,17 @@ log = logging.getLogger("relay")
 SECRET_KNOBS = ("api_key",)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if level != "debug":
-        # aioice logs every ICE check of every call at info level: a dozen lines per call that say nothing to an
-        # operator. Their warnings still show; --log-level debug shows everything.
-        for noisy in ("aioice", "aiortc"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+def _secret_values(settings: Settings) -> list[str]:
+    """The values of every secret setting, for the log formatters to blank out wherever they might appear."""
+    values: list[str] = []
+    for name, info in Settings.model_fields.items():
+        if "SecretStr" not in str(info.annotation):
+            continue
+        value = getattr(settings, name)
+        for secret in value if isinstance(value, list) else [value]:
+            if isinstance(secret, SecretStr):
+                values.append(secret.get_secret_value())
+    return values
 
 
 def _run(coro: Any) -> None:
@@ -74,7 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format, _secret_values(settings))
     if settings.insecure and not settings.api_keys:
         log.warning("--insecure: open access on %s, no API keys: anyone who reaches this address can spend the "
                     "upstream key", settings.host)
@@ -162,7 +169,7 @@ def _simulator(args: argparse.Namespace) -> int:
     except KnobError as exc:
         print(f"relay simulator: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level, secrets=[config.api_key] if config.api_key else [])
 
     async def main() -> None:
         from relay.simulator.server import start_simulator

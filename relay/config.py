@@ -9,13 +9,18 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 from typing import Any, Literal, Mapping
 
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from relay.core.policy import DEFAULT_CLIENT_FIELDS
+
 ENV_NAMES = {"openai_api_key": "OPENAI_API_KEY"}
+# turn:HOST[:PORT][?transport=udp|tcp] and turns:… (RFC 7065); an IPv6 host in brackets
+TURN_URL = re.compile(r"turns?:(?:\[[0-9A-Fa-f:.]+\]|[^?:/\[\]\s]+)(?::(?P<port>[0-9]{1,5}))?(?:\?transport=(?:udp|tcp))?")
 # gpt-realtime's list prices, USD per million tokens (2026): what the page and the usage totals estimate cost with.
 DEFAULT_PRICES = {
     "audio_input": 32.0, "cached_audio_input": 0.4, "audio_output": 64.0,
@@ -42,6 +47,19 @@ class Settings(BaseModel):
     workers: int = Field(
         default_factory=lambda: min(62, len(os.sched_getaffinity(0))), ge=1, le=62, validate_default=True,
         description="worker processes sharing the port, one per core (default: the cores this process may use)",
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, le=86400, description="on SIGTERM, how long live calls may go on (new calls get 503, /readyz "
+        "says 503) before each gets a relay.shutdown event and ends; the process exits as soon as its last call "
+        "ends; a second SIGTERM ends them at once (Kubernetes: set terminationGracePeriodSeconds above it)",
+    )
+    metrics: bool = Field(
+        True, description="serve Prometheus metrics at /metrics, without auth (they hold no secret and no call id; "
+        "false: no /metrics)",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text, or as one JSON object per line (ts, level, logger, message, "
+        "call_id and the event's fields)",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
     openai_api_key: SecretStr | None = Field(None, description="use the OpenAI Realtime API with this key")
@@ -86,6 +104,30 @@ class Settings(BaseModel):
         default_factory=list,
         description="comma-separated addresses to gather host candidates on (default: every non-loopback interface)",
     )
+    # NAT traversal (relay/webrtc/ice.py; README: NAT traversal). The UDP port range has no setting: aioice takes
+    # ephemeral ports, so it is the net.ipv4.ip_local_port_range sysctl of the relay's network namespace.
+    announced_ip: str | None = Field(
+        None, description="public IP address written into the SDP answer in place of the host candidates' addresses "
+        "(ports kept): the relay's address as clients reach it through a 1:1 NAT (Docker's published ports, a cloud's "
+        "elastic IP); host candidates of the other IP family are left as they are (default: none, answer as gathered)",
+    )
+    turn_urls: list[str] = Field(
+        default_factory=list,
+        description="comma-separated turn:/turns: URLs of a TURN server in coturn's use-auth-secret (REST) mode, e.g. "
+        "turn:turn.example.org:3478?transport=udp; clients get them from /relay/client-config with a credential "
+        "minted per request from RELAY_TURN_SECRET (default: none)",
+    )
+    turn_secret: SecretStr | None = Field(
+        None, description="the TURN server's shared secret (coturn's static-auth-secret), needed with RELAY_TURN_URLS",
+    )
+    turn_ttl_s: int = Field(
+        86400, ge=60, le=7 * 86400, description="how long a minted TURN credential is valid; longer than a call "
+        "lasts (coturn refuses an expired credential's refreshes, which ends the allocation)",
+    )
+    turn_for_relay: bool = Field(
+        False, description="the relay's own peer also gathers a TURN candidate (a credential minted per call), for a "
+        "relay with no reachable address of its own; each call's answer then waits for a TURN allocation",
+    )
     max_sdp_bytes: int = Field(65536, ge=1024, description="largest SDP offer or signaling body accepted (bytes)")
     upstream_timeout_s: float = Field(10.0, gt=0, description="how long to wait for the upstream when a call starts")
     upstream_retries: int = Field(
@@ -99,6 +141,39 @@ class Settings(BaseModel):
     rollover_before_s: float = Field(
         300.0, ge=0, description="replace the upstream session this long before its expires_at, at a quiet moment "
         "(0: never; a session_expired is still recovered from)",
+    )
+    session: dict[str, Any] = Field(
+        default_factory=dict,
+        description='the session every call starts with, as JSON in the GA form, e.g. {"instructions": "You are '
+        'Ada, a support agent.", "audio": {"output": {"voice": "marin"}}}: the agent clients talk to. A backend '
+        "(API key) or a client secret may set other values per call; its top-level fields replace these",
+    )
+    client_session_fields: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_CLIENT_FIELDS),
+        description="comma-separated session fields a client (the data channel, or a call created without an API "
+        "key) may change; * for all. The others (instructions, tools, tool_choice, model, prompt, tracing) stay "
+        "as the operator or the backend set them",
+    )
+    max_calls: int = Field(
+        100, ge=1, description="calls this relay carries at once (each worker its share); beyond it new calls get "
+        "503 with Retry-After and /readyz says 503",
+    )
+    calls_per_ip_per_s: float = Field(
+        2.0, gt=0, description="call creations one client IP may make per second, on average, bursts of 5 allowed "
+        "(beyond it: 429 with Retry-After)",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="comma-separated addresses or networks (10.0.0.0/8) of the reverse proxies in front of the relay: "
+        "behind them, the client IP (for the per-IP limit) is taken from X-Forwarded-For",
+    )
+    max_message_bytes: int = Field(
+        262144, ge=1024, le=16 * 1024 * 1024, description="largest data-channel message a client may send (bytes); "
+        "a larger one gets an error event",
+    )
+    max_call_duration_s: float = Field(
+        3600.0, gt=0, description="end a call after this long, whatever it is doing (the client gets an error event "
+        "first)",
     )
     call_idle_timeout_s: float = Field(
         30.0, gt=0, description="end a call when neither media nor data-channel messages arrive for this long"
@@ -142,7 +217,9 @@ class Settings(BaseModel):
             return {**DEFAULT_PRICES, **value}
         return value
 
-    @field_validator("ice_addresses", "tools", "api_keys", "allowed_origins", mode="before")
+    @field_validator("ice_addresses", "tools", "api_keys", "allowed_origins", "client_session_fields", "turn_urls",
+                     "trusted_proxies",
+                     mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         if isinstance(value, str) and value.lstrip().startswith("["):
@@ -160,6 +237,36 @@ class Settings(BaseModel):
         for address in value:
             ipaddress.ip_address(address)  # ValueError names the bad one
         return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)  # ValueError names the bad one
+        return value
+
+    @field_validator("client_session_fields")
+    @classmethod
+    def _field_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name != "*" and not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                raise ValueError(f"{name!r} is not a session field name (or *)")
+        return value
+
+    @field_validator("session", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"must be a JSON object: {exc}") from None
+        return value
+
+    @field_validator("session")
+    @classmethod
+    def _realtime_session(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "realtime", **value} if value else value  # the GA interface requires the session's type
 
     @field_validator("ice_servers", mode="before")
     @classmethod
@@ -180,6 +287,40 @@ class Settings(BaseModel):
             if not urls or not all(isinstance(u, str) and u.split(":", 1)[0] in {"stun", "turn", "turns"} for u in urls):
                 raise ValueError("every ICE server needs 'urls' with stun:, turn: or turns: URLs")
         return value
+
+    @field_validator("announced_ip")
+    @classmethod
+    def _announced_ip(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            address = ipaddress.ip_address(value.strip())
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address (a host name is not resolved here)") from None
+        if address.is_unspecified or address.is_multicast:
+            raise ValueError(f"{value!r} cannot be a peer's address")
+        return str(address)
+
+    @field_validator("turn_urls")
+    @classmethod
+    def _turn_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            match = TURN_URL.fullmatch(url)
+            if match is None or not 0 < int(match["port"] or 3478) < 65536:
+                raise ValueError(f"{url!r} is not a TURN URL (turn:HOST[:PORT][?transport=udp|tcp] or turns:…)")
+        return value
+
+    @model_validator(mode="after")
+    def _turn_wiring(self) -> "Settings":
+        """TURN URLs are useless without the secret that mints their credentials, and the other way round."""
+        if bool(self.turn_urls) != (self.turn_secret is not None):
+            raise ValueError("turn_urls (RELAY_TURN_URLS) and turn_secret (RELAY_TURN_SECRET) go together: set both "
+                             "or neither")
+        if self.turn_secret is not None and len(self.turn_secret.get_secret_value()) < 16:
+            raise ValueError("turn_secret (RELAY_TURN_SECRET): use at least 16 characters (e.g. openssl rand -hex 32)")
+        if self.turn_for_relay and not self.turn_urls:
+            raise ValueError("turn_for_relay (RELAY_TURN_FOR_RELAY) needs RELAY_TURN_URLS and RELAY_TURN_SECRET")
+        return self
 
     @field_validator("upstream_url")
     @classmethod

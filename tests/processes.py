@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Iterable
 
@@ -63,3 +64,52 @@ async def relay_serve(*args: str, env: dict[str, str], timeout: float = 30.0) ->
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+@dataclass
+class LoggedRelay:
+    """A `relay serve` process whose stdout and stderr are read as they come (a debug log would fill a pipe)."""
+
+    process: asyncio.subprocess.Process
+    base: str
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+
+    def output(self) -> str:
+        return "".join(self.stdout) + "".join(self.stderr)
+
+
+@contextlib.asynccontextmanager
+async def relay_logged(*args: str, env: dict[str, str], timeout: float = 30.0) -> AsyncIterator[LoggedRelay]:
+    """`relay serve --port 0 ARGS`, yielded once it logs that it listens; every line it writes is kept. Killed on
+    the way out if the test did not end it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "serve", "--port", "0", *args, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    relay = LoggedRelay(process, "")
+    listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def read(stream: asyncio.StreamReader, lines: list[str]) -> None:
+        while line := await stream.readline():  # ends at EOF: when the relay (and its workers) exit
+            lines.append(line.decode(errors="replace"))
+            found = re.search(r"relay listening on (http://127\.0\.0\.1:\d+)/", lines[-1])
+            if found and not listening.done():
+                listening.set_result(found.group(1))
+
+    readers = [asyncio.ensure_future(read(process.stdout, relay.stdout)),
+               asyncio.ensure_future(read(process.stderr, relay.stderr))]
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.wait([listening, readers[1]], return_when=asyncio.FIRST_COMPLETED)
+        assert listening.done(), f"relay serve exited early:\n{relay.output()}"
+        relay.base = listening.result()
+        yield relay
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*readers, return_exceptions=True), 10)
+        for reader in readers:
+            reader.cancel()
+        listening.cancel()

@@ -14,7 +14,7 @@ import re
 import time
 import wave
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 import numpy as np
@@ -92,6 +92,7 @@ class ClientCall:
     mic: Microphone
     call_id: str
     location: str
+    answer_sdp: str = ""
     events: list[dict[str, Any]] = field(default_factory=list)
     event_times: list[float] = field(default_factory=list)
     audio: list[np.ndarray] = field(default_factory=list)  # received 48 kHz mono frames
@@ -135,8 +136,11 @@ def strip_candidates(sdp: str) -> str:
 
 async def call_relay(base_url: str, mutate_offer: Callable[[str], str] = lambda s: s,
                      session: dict[str, Any] | None = None, http: aiohttp.ClientSession | None = None,
-                     resume: str | None = None, headers: dict[str, str] | None = None) -> ClientCall:
-    """Connect a client peer to the relay; raises AssertionError with the body if it does not answer 201."""
+                     resume: str | None = None, headers: dict[str, str] | None = None,
+                     on_answer: Callable[[str], Awaitable[None]] | None = None, strict: bool = True) -> ClientCall:
+    """Connect a client peer to the relay; raises AssertionError with the body if it does not answer 201.
+    `on_answer` is awaited with the answer SDP before the client applies it (and starts its ICE checks).
+    `strict`: every event the relay passes on must be a valid GA event (False: an upstream that sends garbage)."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     channel = pc.createDataChannel("oai-events")
     mic = Microphone()
@@ -145,7 +149,7 @@ async def call_relay(base_url: str, mutate_offer: Callable[[str], str] = lambda 
 
     def on_message(message: str) -> None:
         event = json.loads(message)
-        if not event["type"].startswith("relay."):  # the relay's own events (DESIGN.md); the rest are OpenAI's
+        if strict and not event["type"].startswith("relay."):  # the relay's own events; the rest are OpenAI's
             check_server_event(event)
         call.events.append(event)
         call.event_times.append(time.monotonic())
@@ -190,5 +194,12 @@ async def call_relay(base_url: str, mutate_offer: Callable[[str], str] = lambda 
     finally:
         if owned:
             await http.close()
+    call.answer_sdp = body
+    if on_answer is not None:
+        try:
+            await on_answer(body)
+        except BaseException:
+            await pc.close()
+            raise
     await pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
     return call

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from relay.core.policy import EventPolicy
 from relay.protocol import ProtocolError, client_event_envelope, event_id_of, new_id
 
 FRAME_MS = 20
@@ -29,7 +30,6 @@ LIVE_TARGET_FRAMES = 2
 # The relay carries PCM16 at 24 kHz to the upstream and back, whatever a client asks for: over WebRTC the codec is
 # Opus and the upstream format is the relay's business (as on OpenAI's own WebRTC endpoint).
 UPSTREAM_FORMAT = {"type": "audio/pcm", "rate": 24000}
-LOCKABLE = {"session.update": "session", "response.create": "response"}  # client events that set session fields
 
 
 @dataclass
@@ -85,6 +85,7 @@ class CallStats:
     truncations: int = 0
     deletions: int = 0
     client_errors: int = 0
+    policy_refusals: int = 0  # client events the event policy refused (also counted in client_errors)
 
 
 def _response_id(event: dict[str, Any]) -> str | None:
@@ -96,10 +97,11 @@ def _response_id(event: dict[str, Any]) -> str | None:
 
 class CallCore:
     def __init__(self, interruptions: bool = True, max_playout_frames: int = 30_000,
-                 server_tools: list[dict[str, Any]] | None = None, locked: dict[str, Any] | None = None) -> None:
+                 server_tools: list[dict[str, Any]] | None = None, policy: EventPolicy | None = None) -> None:
         self.interruptions = interruptions  # the operator's setting
-        self.locked = locked or {}  # session fields the client may not change, with their values
         self.server_tools = server_tools or []  # definitions of the tools the relay runs itself
+        # What the client may change (default here: anything; the server builds it from the settings).
+        self.policy = policy or EventPolicy(["*"], server_tools=[t["name"] for t in self.server_tools])
         self.max_playout_frames = max_playout_frames
         self.stats = CallStats()
         self._interrupt_response = True  # the session's own turn_detection.interrupt_response, as upstream says
@@ -116,6 +118,11 @@ class CallCore:
         self.session: dict[str, Any] | None = None  # the upstream session as its last session.created/updated said
         self._ticks = 0  # the playout clock: 20 ms a tick
         self._arrivals: deque[tuple[int, float]] = deque()  # (tick, ms of audio) over the last window
+        # Turn latency, when the adapter passes timestamps: from the upstream's speech_stopped to the first frame of
+        # the response created after it. The adapter takes the measurements (seconds) from turn_latencies.
+        self.turn_latencies: deque[float] = deque(maxlen=100)
+        self._speech_stopped_at: float | None = None
+        self._turn_response: str | None = None
 
     @property
     def idle(self) -> bool:
@@ -129,16 +136,20 @@ class CallCore:
 
     # --- upstream -> relay -------------------------------------------------------------------------------------
 
-    def on_server_event(self, event: dict[str, Any]) -> list[Action]:
+    def on_server_event(self, event: dict[str, Any], now: float | None = None) -> list[Action]:
         """Any upstream event but audio deltas (see on_audio). Returns what to send where. Malformed events are
-        forwarded as they are; they only fail to change the call's state."""
+        forwarded as they are; they only fail to change the call's state. `now` (seconds, any clock that tick()
+        gets too): when the event arrived, for the turn latency."""
         kind = event.get("type")
         if kind == "error" and self._is_own(event):
             return []  # our own cancel/truncate/delete lost a race: harmless by design
         actions: list[Action] = [ToClient(event)]
+        self._note_server_tool_call(event.get("item"))
         if kind == "response.created":
             self._active_response = _response_id(event)
             self.stats.responses_created += 1
+            if self._speech_stopped_at is not None and self._turn_response is None:
+                self._turn_response = self._active_response  # the answer to the user's turn
         elif kind == "response.done":
             actions += self._response_done(_response_id(event))
             actions += self._server_tool_calls(event.get("response"))
@@ -146,6 +157,7 @@ class CallCore:
             self.follow_session(event.get("session"))
         elif kind == "input_audio_buffer.speech_started":
             self.user_speaking = True
+            self._speech_stopped_at = self._turn_response = None
             if self.interruptions and self._interrupt_response:
                 flushed = self.flush()
                 if flushed:
@@ -154,6 +166,8 @@ class CallCore:
         elif kind in ("input_audio_buffer.speech_stopped", "input_audio_buffer.cleared",
                       "input_audio_buffer.timeout_triggered"):
             self.user_speaking = False
+            if kind == "input_audio_buffer.speech_stopped":
+                self._speech_stopped_at, self._turn_response = now, None
         return actions
 
     def upstream_lost(self) -> list[Action]:
@@ -204,6 +218,8 @@ class CallCore:
         output = response.get("output") if isinstance(response, dict) else None
         function_calls = [item for item in (output if isinstance(output, list) else [])
                           if isinstance(item, dict) and item.get("type") == "function_call"]
+        for item in function_calls:
+            self._note_server_tool_call(item)
         calls = [
             (item["call_id"], item["name"], item.get("arguments") if isinstance(item.get("arguments"), str) else "")
             for item in function_calls
@@ -212,6 +228,13 @@ class CallCore:
         ]
         clients_too = any(item.get("name") not in names for item in function_calls)
         return [RunTools(calls, respond=not clients_too)] if calls else []
+
+    def _note_server_tool_call(self, item: Any) -> None:
+        """A call to one of the relay's tools, seen as soon as the model makes it: only the relay answers it (a
+        client's output for it would be forged)."""
+        if isinstance(item, dict) and item.get("type") == "function_call" and isinstance(item.get("call_id"), str) \
+                and item.get("name") in self.policy.server_tools:
+            self.policy.server_tool_called(item["call_id"])
 
     def tool_outputs(self, outputs: list[tuple[str, str]], respond: bool = True) -> list[Action]:
         """The relay's tools have answered (call_id, output): give the model their outputs, then ask it to go on
@@ -268,8 +291,9 @@ class CallCore:
 
     # --- the playout clock -------------------------------------------------------------------------------------
 
-    def tick(self) -> tuple[bytes | None, list[Action]]:
-        """One 20 ms tick: the frame to send now (None: silence), and the events it causes."""
+    def tick(self, now: float | None = None) -> tuple[bytes | None, list[Action]]:
+        """One 20 ms tick: the frame to send now (None: silence), and the events it causes. `now`: as for
+        on_server_event."""
         self._ticks += 1
         if not self._queue:
             self.stats.silence_frames += 1
@@ -283,6 +307,9 @@ class CallCore:
         actions: list[Action] = []
         if self._playing != response_id:
             self._playing = response_id
+            if response_id == self._turn_response and now is not None and self._speech_stopped_at is not None:
+                self.turn_latencies.append(now - self._speech_stopped_at)
+                self._speech_stopped_at = self._turn_response = None
             actions.append(ToClient(new_event("output_audio_buffer.started", response_id=response_id)))
         actions += self._maybe_stopped(response_id)
         return frame, actions
@@ -383,26 +410,18 @@ class CallCore:
             )))], None
         if kind == "output_audio_buffer.clear":
             return self.flush(), None
-        where = LOCKABLE.get(kind)  # the part of the event that may carry locked fields
-        section = event.get(where) if where else None
-        refused = self._refuse_locked(section) if isinstance(section, dict) else []
-        actions: list[Action] = [ToClient(_error_event(ProtocolError(
-            "field_locked", f"'{field}' is set by the operator for this call and cannot be changed; the rest of the "
-            "event was applied.", f"{where}.{field}", event_id_of(event)))) for field in refused]
-        self.stats.client_errors += bool(refused)
-        if kind == "session.update" and (self._adapt_session(event.get("session")) or refused):
-            return actions, json.dumps(event, separators=(",", ":"))
-        if kind == "response.create" and isinstance(section, dict) and (_force_formats(section) or refused):
-            return actions, json.dumps(event, separators=(",", ":"))
-        return actions, text
-
-    def _refuse_locked(self, section: dict[str, Any]) -> list[str]:
-        """Remove the locked fields a session.update or response.create would change (a value equal to the locked
-        one is no change: SDKs re-send the whole session); their names."""
-        refused = [name for name, value in section.items() if name in self.locked and value != self.locked[name]]
-        for name in refused:
-            del section[name]
-        return refused
+        refusal = self.policy.check(event, self.session)
+        if refusal is not None:
+            self.stats.client_errors += 1
+            self.stats.policy_refusals += 1
+            return [ToClient(_error_event(ProtocolError(
+                refusal.code, refusal.message, refusal.param, event_id_of(event))))], None
+        if kind == "session.update" and self._adapt_session(event.get("session")):
+            return [], json.dumps(event, separators=(",", ":"))
+        response = event.get("response")
+        if kind == "response.create" and isinstance(response, dict) and _force_formats(response):
+            return [], json.dumps(event, separators=(",", ":"))
+        return [], text
 
     def _adapt_session(self, session: Any) -> bool:
         """The fields the relay controls in a session.update; True when it changed something."""

@@ -85,28 +85,29 @@ class History:
     def on_server_event(self, event: dict[str, Any]) -> dict[str, Any] | None:
         """Record what this event says; returns a `relay.usage` event for the client after a `response.done`."""
         kind = event.get("type")
+        item_id = event.get("item_id") if isinstance(event.get("item_id"), str) else None  # a key: never a list
         if kind == "conversation.item.added":
             self._user_turn(_dict(event.get("item")))
         elif kind == "conversation.item.input_audio_transcription.completed":
             text = event.get("transcript") if isinstance(event.get("transcript"), str) else ""
-            entry = self._users.get(event.get("item_id"))
+            entry = self._users.get(item_id)
             if entry is None:
-                self._add({"role": "user", "type": "message", "item_id": event.get("item_id"), "text": text})
+                self._add({"role": "user", "type": "message", "item_id": item_id, "text": text})
             else:  # its place was kept when the turn began; the transcription may come after the reply
                 entry["text"] = text
                 self.revision += 1
                 if entry not in self._new:
                     self._new.append(entry)
         elif kind in ("response.output_audio_transcript.delta", "response.output_text.delta"):
-            self._grow(event.get("item_id"), event.get("delta"), audio=kind == "response.output_audio_transcript.delta")
+            self._grow(item_id, event.get("delta"), audio=kind == "response.output_audio_transcript.delta")
         elif kind == "response.output_audio_transcript.done":
-            self._partial.pop(event.get("item_id"), None)
-            self._assistant(event.get("item_id"), event.get("transcript"), audio=True)
+            self._partial.pop(item_id, None)
+            self._assistant(item_id, event.get("transcript"), audio=True)
         elif kind == "response.output_text.done":
-            self._partial.pop(event.get("item_id"), None)
-            self._assistant(event.get("item_id"), event.get("text"), audio=False)
+            self._partial.pop(item_id, None)
+            self._assistant(item_id, event.get("text"), audio=False)
         elif kind == "response.function_call_arguments.done":
-            self._add({"role": "assistant", "type": "function_call", "item_id": event.get("item_id"),
+            self._add({"role": "assistant", "type": "function_call", "item_id": item_id,
                        "call_id": event.get("call_id"), "name": event.get("name"),
                        "arguments": event.get("arguments")})
         elif kind == "response.done":

@@ -7,24 +7,43 @@ import gc
 import contextlib
 import logging
 import signal
+import time
 from pathlib import Path
 from urllib.parse import urlencode
 
 from aiohttp import web
 
 from relay.config import Settings
+from relay.core.policy import EventPolicy
 from relay.simulator.config import SimConfig
 from relay.simulator.server import RunningSimulator, start_simulator
-from relay.server.auth import add_auth
-from relay.server.calls import CALLS, add_call_routes
+from relay.server.auth import add_auth, may_call
+from relay.server.errors import json_errors
+from relay.server.calls import CALLS, SHUTTING_DOWN, add_call_routes, call_capacity, drain
+from relay.server.metrics import add_metrics
 from relay.server.workers import Worker
 from relay.upstream.target import UpstreamTarget, choose_upstream
+from relay.webrtc.ice import client_ice_servers
 from relay.webrtc.aiortc_internals import restrict_host_addresses, speed_up_audio_sender, speed_up_ntp_clock
 
 log = logging.getLogger("relay")
+SHUTDOWN_TIMEOUT_S = 5.0
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """200 while this worker takes new calls; 503 while it drains (SIGTERM) or carries its share of max_calls."""
+    if request.app[SHUTTING_DOWN].is_set():
+        return web.json_response({"status": "draining", "reason": "shutting down: live calls go on, new calls are "
+                                  "refused"}, status=503, headers={"Cache-Control": "no-store"})
+    capacity = call_capacity(request.app)
+    body = {"calls": capacity.calls, "max_calls": capacity.limit}
+    if capacity.full:
+        return web.json_response({"status": "full", "reason": "this worker carries its share of max_calls", **body},
+                                 status=503, headers={"Cache-Control": "no-store"})
+    return web.json_response({"status": "ready", **body}, headers={"Cache-Control": "no-store"})
 
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -38,12 +57,15 @@ def client_config(settings: Settings):
     """What the bundled page (and any client) may know of the relay's configuration: never a secret."""
     body = {
         "ice_servers": settings.ice_servers,
-        "locked": [],  # session fields the operator forbids clients to change (the event policy fills this)
+        "locked": EventPolicy(settings.client_session_fields).locked_for_display(),  # clients cannot change these
         "prices": settings.prices,
     }
 
     async def handler(request: web.Request) -> web.Response:
-        return web.json_response(body)
+        # A TURN credential is minted per request, for a client that may create calls (with API keys: a key or a
+        # client secret): strangers do not get to relay through the TURN server. Fresh each time: never cached.
+        ice_servers = client_ice_servers(settings, time.time(), with_turn=may_call(request))
+        return web.json_response({**body, "ice_servers": ice_servers}, headers={"Cache-Control": "no-store"})
 
     return handler
 
@@ -56,21 +78,32 @@ def create_app(settings: Settings, upstream: UpstreamTarget, worker: Worker = Wo
     speed_up_ntp_clock()
     app = web.Application(client_max_size=settings.max_sdp_bytes)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/", index)
     app.router.add_get("/relay/client-config", client_config(settings))
     app.router.add_static("/static/", STATIC)
     add_call_routes(app, settings, upstream, worker)
     add_auth(app, settings, worker, CALLS)
+    app.middlewares.append(json_errors(settings.max_sdp_bytes))  # innermost: sees what the routes and aiohttp raise
+    add_metrics(app, settings.metrics, CALLS)
     return app
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run the relay until SIGINT/SIGTERM (or `stop` is set)."""
+    """Run the relay until SIGINT/SIGTERM (or `stop` is set), then drain: new calls are refused at once, live
+    calls go on for up to drain_timeout_s (a second signal: no more waiting), then end with a relay.shutdown event."""
     stop = stop or asyncio.Event()
+    hurry = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
     upstream = choose_upstream(settings)
     simulator: RunningSimulator | None = None
     runner: web.AppRunner | None = None
@@ -83,7 +116,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         worker = Worker.from_env()
         if worker.index == 0:
             log.info(upstream.describe())
-        runner = web.AppRunner(create_app(settings, upstream, worker), access_log=None, handle_signals=False)
+        # shutdown_timeout: what the last requests in progress get once the calls are gone (a signaling request
+        # waits for the upstream at most upstream_timeout_s; a forwarded one 10 s).
+        runner = web.AppRunner(create_app(settings, upstream, worker), access_log=None, handle_signals=False,
+                               shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=worker.count > 1 or None)
         try:
@@ -102,7 +138,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
                 host, port = address[0], address[1]
                 log.info("relay listening on http://%s:%d/", f"[{host}]" if ":" in host else host, port)
         await stop.wait()
-        log.info("relay stopping")
+        log.info("relay stopping: new calls refused", extra={"event": "stopping"})
+        await drain(runner.app, settings.drain_timeout_s, hurry)
     finally:
         if runner is not None:
             await runner.cleanup()

@@ -148,6 +148,7 @@ TOKENS: web.AppKey[Tokens] = web.AppKey("tokens")
 _RequestKey = getattr(web, "RequestKey", None)
 TOKEN_SESSION: Any = _RequestKey("token_session", object) if _RequestKey else "relay.token_session"
 TOKEN_NONCE: Any = _RequestKey("token_nonce", object) if _RequestKey else "relay.token_nonce"
+BACKEND: Any = _RequestKey("backend", object) if _RequestKey else "relay.backend"  # True: an API key was shown
 API_PREFIX = "/v1/realtime/"
 CORS_HEADERS = {"Access-Control-Allow-Methods": "GET, POST, DELETE",
                 "Access-Control-Allow-Headers": "Authorization, Content-Type",
@@ -195,6 +196,7 @@ async def _authorised(request: web.Request, handler, keys: list[str], worker: Wo
     if presented is None:
         return refusal(401, "missing_api_key", "Send an API key (or a client secret) as 'Authorization: Bearer'.")
     if is_api_key(presented, keys):
+        request[BACKEND] = True  # trusted to set the whole session of the calls it creates
         return await handler(request)
     if presented.startswith(TOKEN_PREFIX):
         return await _token_on_its_call(request, handler, presented, calls_key)
@@ -230,6 +232,25 @@ async def _token_on_its_call(request: web.Request, handler, token: str, calls_ke
     if call is not None and call.token_nonce is not None and call.token_nonce == request.app[TOKENS].signed_nonce(token):
         return await handler(request)
     return refusal(401, "invalid_api_key", "A client secret is good for creating its call and ending it only.")
+
+
+def may_call(request: web.Request) -> bool:
+    """Whether whoever sends `request` may create calls: always when the relay is open (no API keys), else when
+    it carries one of the keys or a client secret this relay signed that has not expired (used or not: the worker
+    that minted it knows, this one need not ask). Decides who gets what is worth stealing, e.g. TURN credentials."""
+    keys = [key.get_secret_value() for key in request.app[SETTINGS_KEY].api_keys]
+    presented = bearer(request.headers.get("Authorization"))
+    if not keys:
+        return True
+    if presented is None:
+        return False
+    if presented.startswith(TOKEN_PREFIX):
+        try:
+            request.app[TOKENS].check(presented, time.time())
+        except TokenError:
+            return False
+        return True
+    return is_api_key(presented, keys)
 
 
 async def client_secrets(request: web.Request) -> web.Response:

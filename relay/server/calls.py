@@ -17,6 +17,7 @@ import re
 import time
 import wave
 from collections import OrderedDict, deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -24,6 +25,8 @@ import websockets
 from aiohttp import BodyPartReader, web
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.exceptions import InvalidStateError
+from aiortc import sdp as aiortc_sdp
+from aiohttp.http_exceptions import HttpProcessingError
 
 from relay.audio.convert import FRAME_BYTES_24K, Chunker
 from relay.config import Settings
@@ -32,13 +35,17 @@ from relay.core.history import History
 from relay.core.reconnect import backoff_delays, is_fatal, rollover_at, session_to_replay, still_to_send
 from relay.core.recording import RATE as RECORDING_RATE, StereoTimeline
 from relay.tools import ToolContext, Toolbox
-from relay.server.auth import TOKEN_NONCE, TOKEN_SESSION
+from relay.core.policy import EventPolicy, Refusal, starting_session
+from relay.server.auth import BACKEND, TOKEN_NONCE, TOKEN_SESSION
 from relay.server.errors import error_response
+from relay.server.limits import Networks, RateLimiter, client_address, networks, retry_after
 from relay.protocol import new_id
 from relay.upstream.client import UpstreamError, open_upstream
-from relay.server.workers import Worker, ask_worker, routing_middleware
+from relay.server.workers import Worker, ask_worker, peer_address, routing_middleware
 from relay.upstream.target import UpstreamTarget
-from relay.webrtc.aiortc_internals import install_packet_tap
+from relay.server import metrics
+from relay.webrtc.aiortc_internals import data_channel_flushed, install_packet_tap, rtp_bytes_sent
+from relay.webrtc.ice import announce_address, relay_ice_servers
 from relay.webrtc.inbound import InboundAudio
 from relay.webrtc.playout import PlayoutTrack
 
@@ -48,7 +55,6 @@ EVENTS_CHANNEL = "oai-events"
 MAX_PENDING_CLIENT_EVENTS = 1000  # held until the data channel opens; beyond it, the newest are dropped
 MAX_UPSTREAM_BACKLOG_BYTES = 4 * 1024 * 1024  # waiting for the upstream; beyond it audio is dropped, events refused
 MAX_CHANNEL_BUFFER_BYTES = 8 * 1024 * 1024  # unacknowledged data-channel bytes: beyond it the client is not reading
-MAX_CLIENT_MESSAGE_BYTES = 256 * 1024
 # The user's last 500 ms of audio go to a rollover's new session first: a word begun just before the switch (before
 # the old session's VAD reported it) is heard whole by the new one.
 RECENT_AUDIO_CHUNKS = 25
@@ -73,7 +79,7 @@ class Call:
         self.toolbox = toolbox or Toolbox([])
         self.token_nonce = token_nonce  # the client secret it was created with: good for ending it
         self.core = CallCore(interruptions=settings.interruptions, server_tools=self.toolbox.definitions(),
-                             locked={k: v for k, v in (locked or {}).items() if k != "type"})
+                             policy=call_policy(settings, self.toolbox, locked))
         self.history = History(settings.prices)
         self._history_log = Path(settings.history_dir) / f"{self.id}.jsonl" if settings.history_dir else None
         self.recording = StereoTimeline(time.monotonic()) if settings.recordings_dir else None
@@ -109,6 +115,13 @@ class Call:
         self._tools_running = 0
         self.reconnects = 0
         self.rollovers = 0
+        # Counted in plain ints on the way (cheap: no metric is touched per frame or per event); the metrics get
+        # what grew once a second and at the end (flush_metrics).
+        self.answered = False  # the client got its 201: the call counts as started
+        self.datachannel_bytes_in = self.datachannel_bytes_out = 0
+        self.upstream_bytes_in = self.upstream_bytes_out = 0  # JSON text of the upstream's events and ours
+        self._sender: RTCRtpSender | None = None
+        self._meter = metrics.CallMeter()
         self._framer = Chunker(FRAME_BYTES_24K)  # the current item's audio, cut into 20 ms frames
         self._framing_item: str | None = None
 
@@ -134,14 +147,19 @@ class Call:
         self._spawn(self._watch(), "watchdog")
         if self.recording is not None:
             self._spawn(self._keep_recording(), "recording")
+        if self.close_reason is None:  # not ended meanwhile (its peer connection failed at once)
+            self.answered = True
+            metrics.call_started()
+            log.info("call %s started", self.id, extra={"call_id": self.id, "event": "started"})
         return answer
 
     async def _negotiate(self, offer_sdp: str) -> str:
-        servers = [RTCIceServer(**server) for server in self.settings.ice_servers]
+        servers = [RTCIceServer(**server) for server in relay_ice_servers(self.settings, self.id, time.time())]
         self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))  # [] means none, not Google's
         pc.on("datachannel", self._on_datachannel)
         pc.on("connectionstatechange", self._on_connection_state)
         try:
+            check_media_ids(offer_sdp)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         except Exception as exc:  # aiortc reports bad SDP with several exception types
             raise SignalingError(400, "invalid_offer", f"The SDP offer could not be used: {exc}"[:300]) from None
@@ -151,13 +169,15 @@ class Call:
         opus = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"]
         audio[0].setCodecPreferences(opus)  # the inbound tap decodes Opus only
         install_packet_tap(audio[0].receiver, self.inbound)
-        pc.addTrack(self.track)  # takes the offer's audio transceiver: sendrecv
+        self._sender = pc.addTrack(self.track)  # takes the offer's audio transceiver: sendrecv
         try:
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:
             raise SignalingError(400, "invalid_offer", f"No answer can be made to this offer: {exc}"[:300]) from None
         if "opus/48000" not in pc.localDescription.sdp.lower():
             raise SignalingError(400, "invalid_offer", "The SDP offer does not offer Opus audio.")
+        if self.settings.announced_ip:  # the address clients reach through the NAT in front (ports kept)
+            return announce_address(pc.localDescription.sdp, self.settings.announced_ip)
         return pc.localDescription.sdp
 
     # --- client side -------------------------------------------------------------------------------------------
@@ -174,11 +194,13 @@ class Call:
         """Runs inside aiortc's SCTP loop: nothing may escape from here."""
         try:
             self.last_client_message_at = time.monotonic()
+            self.datachannel_bytes_in += len(message)
             if isinstance(message, bytes):
                 self._to_client(error_event("invalid_event", "Binary messages are not supported: send events as JSON text."))
-            elif len(message) > MAX_CLIENT_MESSAGE_BYTES:
+            elif _utf8_size(message) > self.settings.max_message_bytes:
                 self._to_client(error_event(
-                    "message_too_large", f"Data-channel messages are limited to {MAX_CLIENT_MESSAGE_BYTES} bytes."))
+                    "message_too_large", f"Data-channel messages are limited to {self.settings.max_message_bytes} "
+                    "bytes (RELAY_MAX_MESSAGE_BYTES)."))
             else:
                 actions, upstream_text = self.core.on_client_event(message)
                 self._dispatch(actions)
@@ -188,7 +210,7 @@ class Call:
                 if upstream_text is not None and not self._to_upstream(upstream_text):
                     self._to_client(error_event("relay_backlog_full", "The model service is not keeping up: event refused."))
         except Exception:
-            log.exception("call %s: failed on a client message", self.id)
+            log.exception("call %s: failed on a client message", self.id, extra={"call_id": self.id})
             self._to_client(error_event("server_error", "The relay failed on this event.", "server_error"))
 
     def _to_client(self, event: dict[str, Any]) -> None:
@@ -206,6 +228,7 @@ class Call:
         try:
             try:
                 self.channel.send(text)
+                self.datachannel_bytes_out += len(text)
             except ValueError:  # larger than the client's max-message-size
                 self.dropped_client_events += 1
                 self.channel.send(json.dumps(error_event(
@@ -219,6 +242,10 @@ class Call:
     async def _on_connection_state(self) -> None:
         if self.pc is not None and self.pc.connectionState in ("failed", "closed"):
             self.close_soon(f"peer connection {self.pc.connectionState}")
+        elif self.pc is not None and self.pc.connectionState == "connected":
+            log.info("call %s connected", self.id, extra={
+                "call_id": self.id, "event": "connected",
+                "setup_ms": round((time.monotonic() - self.started_at) * 1000)})
 
     # --- media -------------------------------------------------------------------------------------------------
 
@@ -243,7 +270,7 @@ class Call:
 
     def _next_frame(self) -> bytes | None:
         """The playout clock's tick."""
-        frame, actions = self.core.tick()
+        frame, actions = self.core.tick(time.monotonic())
         if actions:
             self._dispatch(actions)
         if self.recording is not None:
@@ -303,6 +330,7 @@ class Call:
     async def _read_session(self, ws: websockets.ClientConnection) -> None:
         with contextlib.suppress(websockets.ConnectionClosedError):
             async for text in ws:
+                self.upstream_bytes_in += len(text)
                 if ws is not self.ws:
                     return  # replaced: the rest of the old session's events are not wanted
                 if isinstance(text, str):
@@ -318,7 +346,8 @@ class Call:
             self._give_up("upstream_closed", f"The connection to the model service ended ({detail}).")
             return False
         reason = "session_expired" if expired else f"connection closed ({lost.close_code})"
-        log.info("call %s: upstream session lost (%s), reconnecting", self.id, reason)
+        log.info("call %s: upstream session lost (%s), reconnecting", self.id, reason,
+                 extra={"call_id": self.id, "event": "upstream_reconnecting", "reason": reason})
         self._upstream_live.clear()
         self._reconnecting = True
         self._to_client(new_event("relay.upstream.reconnecting", reason=reason))
@@ -329,7 +358,8 @@ class Call:
             try:
                 ws, events, said, replayed = await self._open_next_session()
             except UpstreamError as exc:
-                log.warning("call %s: reconnect attempt %d failed: %s", self.id, attempt, exc.code)
+                log.warning("call %s: reconnect attempt %d failed: %s", self.id, attempt, exc.code,
+                            extra={"call_id": self.id})
                 if exc.fatal:
                     self._give_up(exc.code, exc.message)
                     return False
@@ -337,7 +367,9 @@ class Call:
             self._switch_to(ws, events, recent_audio=False, since=said)
             self._reconnecting = False
             self.reconnects += 1
-            log.info("call %s: upstream reconnected (attempt %d, %d items replayed)", self.id, attempt, replayed)
+            log.info("call %s: upstream reconnected (attempt %d, %d items replayed)", self.id, attempt, replayed,
+                     extra={"call_id": self.id, "event": "upstream_reconnected", "attempt": attempt,
+                            "replayed_items": replayed})
             self._to_client(new_event("relay.upstream.reconnected", attempt=attempt, replayed_items=replayed,
                                       expires_at=self._expires_at))
             return True
@@ -355,7 +387,7 @@ class Call:
 
     def _give_up(self, code: str, message: str) -> None:
         """The upstream is gone for good: the client is told why, and the call ends."""
-        log.warning("call %s: upstream gone: %s", self.id, message)
+        log.warning("call %s: upstream gone: %s", self.id, message, extra={"call_id": self.id})
         self._to_client(error_event(code, message, "server_error"))
         self.close_soon("upstream lost")
 
@@ -396,7 +428,7 @@ class Call:
             try:
                 ws, events, said, replayed = await self._open_next_session()
             except UpstreamError as exc:
-                log.warning("call %s: rollover failed: %s", self.id, exc.code)
+                log.warning("call %s: rollover failed: %s", self.id, exc.code, extra={"call_id": self.id})
                 if exc.fatal:
                     return  # a refused key: the session ends at its expiry, and the call with it
                 await asyncio.sleep(ROLLOVER_RETRY_S)
@@ -409,7 +441,8 @@ class Call:
             if self.ws is old and self._quiet() and unchanged and settled:
                 self._switch_to(ws, events, recent_audio=True, since=said)
                 self.rollovers += 1
-                log.info("call %s: upstream session rolled over (%d items replayed)", self.id, replayed)
+                log.info("call %s: upstream session rolled over (%d items replayed)", self.id, replayed,
+                         extra={"call_id": self.id, "event": "upstream_rolled_over", "replayed_items": replayed})
                 self._to_client(new_event("relay.upstream.rolled_over", replayed_items=replayed,
                                           expires_at=self._expires_at))
             else:  # the conversation moved on while the new session was prepared: its replay is out of date
@@ -423,11 +456,13 @@ class Call:
         try:
             event = json.loads(text)
         except (ValueError, RecursionError):
-            log.warning("call %s: unreadable upstream event dropped", self.id)
+            log.warning("call %s: unreadable upstream event dropped", self.id, extra={"call_id": self.id})
             return
-        if not isinstance(event, dict):
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            # Clients dispatch on the type: an event without one would be garbage to them too.
+            log.warning("call %s: upstream event without a type dropped", self.id, extra={"call_id": self.id})
             return
-        kind = event.get("type")
+        kind = event["type"]
         if kind == "response.output_audio.delta":
             self._on_audio_delta(event)
             return
@@ -443,7 +478,7 @@ class Call:
                                               [last] if last else [], 0.0))
         if kind == "conversation.item.retrieved" and _drop_item_audio(event):
             text = json.dumps(event, separators=(",", ":"))  # the client heard it by RTP; it may not fit the channel
-        actions = self.core.on_server_event(event)
+        actions = self.core.on_server_event(event, time.monotonic())
         for action in actions:
             if isinstance(action, ToClient) and action.event is event:
                 self._to_client_text(text)  # forwarded as received: no re-serialising
@@ -461,7 +496,7 @@ class Call:
                 raise ValueError("ids must be strings")
             pcm = base64.b64decode(event["delta"], validate=True)
         except (KeyError, TypeError, binascii.Error, ValueError):
-            log.warning("call %s: malformed audio delta dropped", self.id)
+            log.warning("call %s: malformed audio delta dropped", self.id, extra={"call_id": self.id})
             return
         if item_id != self._framing_item:
             self._framer = Chunker(FRAME_BYTES_24K)  # a new item starts on a frame boundary
@@ -485,6 +520,7 @@ class Call:
                     self._event_sent_at = time.monotonic()
                 try:
                     await ws.send(text)
+                    self.upstream_bytes_out += len(text)
                 except websockets.ConnectionClosed:
                     if ws is self.ws:  # lost: the reader replaces the session, then decides what is still sent
                         self._upstream_live.clear()
@@ -547,7 +583,7 @@ class Call:
             with self._history_log.open("a", encoding="utf-8") as log_file:
                 log_file.write("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries))
         except OSError as exc:
-            log.warning("call %s: transcript log disabled: %s", self.id, exc)
+            log.warning("call %s: transcript log disabled: %s", self.id, exc, extra={"call_id": self.id})
             self._history_log = None
 
     async def _keep_recording(self) -> None:
@@ -562,7 +598,7 @@ class Call:
                     asyncio.to_thread(self._wav.writeframes, self.recording.take(time.monotonic())))
                 await asyncio.shield(self._wav_write)
         except OSError as exc:
-            log.warning("call %s: recording stopped: %s", self.id, exc)
+            log.warning("call %s: recording stopped: %s", self.id, exc, extra={"call_id": self.id})
             self.recording = None
 
     async def _finish_recording(self) -> None:
@@ -581,17 +617,25 @@ class Call:
         try:
             await asyncio.to_thread(finish)
         except OSError as exc:
-            log.warning("call %s: recording not finished: %s", self.id, exc)
+            log.warning("call %s: recording not finished: %s", self.id, exc, extra={"call_id": self.id})
 
     # --- lifetime ----------------------------------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        idle = self.settings.call_idle_timeout_s
+        """End the call when both sides of the client have been silent too long, or at its maximum duration."""
+        idle, longest = self.settings.call_idle_timeout_s, self.settings.max_call_duration_s
         while True:
-            await asyncio.sleep(min(5.0, idle / 4))
+            left = self.started_at + longest - time.monotonic()
+            await asyncio.sleep(max(0.0, min(5.0, idle / 4, left)))
+            now = time.monotonic()
             heard = [t for t in (self.started_at, self.inbound.last_packet_at, self.last_client_message_at) if t]
-            if time.monotonic() - max(heard) > idle:
+            if now - max(heard) > idle:
                 self.close_soon("idle: no media or messages")
+                return
+            if now - self.started_at >= longest:
+                self._to_client(error_event("call_duration_exceeded", f"Calls last at most {longest:g} s on this "
+                                            "relay (RELAY_MAX_CALL_DURATION_S); the call is ending."))
+                self.close_soon("maximum duration")
                 return
 
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
@@ -603,9 +647,46 @@ class Call:
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("call %s: task %s failed", self.id, task.get_name(), exc_info=task.exception())
+            log.error("call %s: task %s failed", self.id, task.get_name(), exc_info=task.exception(),
+                      extra={"call_id": self.id})
             self._to_client(error_event("server_error", "The relay failed; the call is ending.", "server_error"))
             self.close_soon("internal error")
+
+    # --- metrics and shutdown ----------------------------------------------------------------------------------
+
+    def meter_counts(self) -> dict[str, int]:
+        """The call's counts so far (see relay.server.metrics for what each adds to)."""
+        stats = self.core.stats
+        return {
+            "barge_ins": stats.barge_ins, "truncations": stats.truncations, "policy_refusals": stats.policy_refusals,
+            "reconnects": self.reconnects, "rollovers": self.rollovers,
+            "frames": self.track.frames_sent, "frames_late": self.track.late_frames,
+            "frames_dropped": stats.frames_dropped,
+            "rtp_in": self.inbound.stats.payload_bytes, "rtp_out": rtp_bytes_sent(self._sender),
+            "datachannel_in": self.datachannel_bytes_in, "datachannel_out": self.datachannel_bytes_out,
+            "upstream_in": self.upstream_bytes_in, "upstream_out": self.upstream_bytes_out,
+        }
+
+    def flush_metrics(self, counts: dict[str, int] | None = None) -> None:
+        """Add what the call counted since the last time to the process's metrics (once a second, and at the end)."""
+        latencies = list(self.core.turn_latencies)
+        self.core.turn_latencies.clear()
+        self._meter.flush(self.meter_counts() if counts is None else counts, latencies)
+
+    async def shut_down(self, flush_s: float = 1.0) -> None:
+        """The relay is going away: tell the client (`relay.shutdown`: connect again, to another relay, where the
+        conversation can be resumed), give the event up to `flush_s` to be acknowledged, then end the call."""
+        if self.close_reason is None:
+            self._to_client(new_event(
+                "relay.shutdown", reason="server_shutdown", reconnect=True, resume_call_id=self.id,
+                message="This relay is shutting down and ends the call. Connect again to continue; "
+                "POST /v1/realtime/calls?resume=<resume_call_id> continues this conversation where its transcript "
+                "is kept."))
+            deadline = time.monotonic() + flush_s
+            while self.channel is not None and not data_channel_flushed(self.channel) \
+                    and time.monotonic() < deadline and self.close_reason is None:
+                await asyncio.sleep(0.02)
+        await self.close("server shutdown")
 
     def close_soon(self, reason: str) -> None:
         """End the call from inside one of its own callbacks or tasks."""
@@ -618,7 +699,12 @@ class Call:
             await self.closed.wait()
             return
         self.close_reason = reason
-        log.info("call %s ended: %s", self.id, reason)
+        counts = self.meter_counts()
+        self.flush_metrics(counts)
+        metrics.call_ended(self.answered, reason)
+        log.info("call %s ended: %s", self.id, reason, extra={
+            "call_id": self.id, "event": "ended", "reason": reason, "outcome": metrics.outcome(reason),
+            "answered": self.answered, "duration_s": round(time.monotonic() - self.started_at, 3), **counts})
         try:
             self._on_closed(self)
             tasks = list(self._tasks)
@@ -628,7 +714,11 @@ class Call:
             await self._finish_recording()
             self.track.stop()
             if self.pc is not None:
-                await self.pc.close()
+                try:
+                    await self.pc.close()
+                except Exception:  # aiortc may fail half-way on a peer it did not finish setting up
+                    log.warning("call %s: the peer connection did not close cleanly", self.id, exc_info=True,
+                                extra={"call_id": self.id})
             if self.ws is not None:
                 await self.ws.close()
         finally:
@@ -646,6 +736,13 @@ ENDED_KEPT = 1000
 TOOLBOX: web.AppKey[Toolbox] = web.AppKey("toolbox")
 CALL_ID = re.compile(r"rtc_[A-Za-z0-9]{1,64}")
 WORKER: web.AppKey[Worker] = web.AppKey("worker")
+STARTING: web.AppKey[set[str]] = web.AppKey("starting")  # calls being set up: they count against the limit
+LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter")
+PROXIES: web.AppKey[Networks] = web.AppKey("proxies")
+RETRY_AFTER_FULL_S = "2"  # a new call refused at capacity: long enough for a call to end, short for a user
+RETRY_AFTER_SHUTDOWN_S = "1"  # a new call refused while draining: the load balancer sends the retry elsewhere
+FLUSH_ON_SHUTDOWN_S = 1.0  # how long a call's relay.shutdown event may take to be acknowledged, draining
+FLUSH_IN_A_HURRY_S = 0.2  # and after a second SIGTERM
 
 
 async def _read_limited(stream: Any, limit: int) -> bytes:
@@ -695,7 +792,7 @@ async def _read_multipart(request: web.Request, limit: int) -> tuple[bytes, dict
                 raw = data
             elif part.name == "session":
                 session = _session_part(data)
-    except (ValueError, AssertionError, LookupError) as exc:  # aiohttp's words for a malformed multipart body
+    except (ValueError, AssertionError, LookupError, HttpProcessingError) as exc:  # aiohttp's words for a malformed body
         raise SignalingError(400, "invalid_multipart", f"The multipart body could not be read: {exc}"[:200]) from None
     if raw is None:
         raise SignalingError(400, "missing_sdp", "The multipart body has no 'sdp' part.")
@@ -712,11 +809,45 @@ def _session_part(data: bytes) -> dict[str, Any]:
     return session
 
 
+def shutting_down_response() -> web.Response:
+    """503 for a new call while the relay drains: another relay (behind the same load balancer) takes it."""
+    return error_response(503, "shutting_down", "The relay is shutting down; try again (another relay will answer).",
+                          "server_error", headers={"Retry-After": RETRY_AFTER_SHUTDOWN_S})
+
+
 async def create_call(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     calls = request.app[CALLS]
     if request.app[SHUTTING_DOWN].is_set():
-        return error_response(503, "shutting_down", "The relay is shutting down.", "server_error")
+        return shutting_down_response()
+    refused = _over_limits(request)
+    if refused is not None:
+        return refused
+    call_id = request.app[WORKER].call_id(new_id("rtc"))  # says which worker owns it
+    starting = request.app[STARTING]
+    starting.add(call_id)
+    try:
+        return await _create_call(request, settings, calls, call_id)
+    finally:
+        starting.discard(call_id)
+
+
+def _over_limits(request: web.Request) -> web.Response | None:
+    """429 when this client creates calls too fast, 503 when the relay carries all the calls it may."""
+    app = request.app
+    client = client_address(peer_address(request), request.headers.get("X-Forwarded-For"), app[PROXIES])
+    wait = app[LIMITER].take(client, time.monotonic())
+    if wait:
+        return error_response(429, "rate_limit_exceeded", "Too many calls from this address; try again later "
+                              "(RELAY_CALLS_PER_IP_PER_S).", "rate_limit_error", headers={"Retry-After": retry_after(wait)})
+    if call_capacity(app).full:
+        return error_response(503, "too_many_calls", "The relay carries all the calls it can; try again shortly "
+                              "(RELAY_MAX_CALLS).", "server_error", headers={"Retry-After": RETRY_AFTER_FULL_S})
+    return None
+
+
+async def _create_call(request: web.Request, settings: Settings, calls: dict[str, "Call"], call_id: str
+                       ) -> web.Response:
     try:
         offer, session = await read_offer(request, settings.max_sdp_bytes)
     except SignalingError as exc:
@@ -727,10 +858,11 @@ async def create_call(request: web.Request) -> web.Response:
         return error_response(404, "call_not_found", "No conversation is kept for that call id, so it cannot be "
                               "resumed (transcripts outlive a call in memory for the last calls only; set "
                               "RELAY_HISTORY_DIR to keep them).", param="resume")
-    call_id = request.app[WORKER].call_id(new_id("rtc"))  # says which worker owns it
     locked = request.get(TOKEN_SESSION)  # a client secret's session: its fields win, and stay
-    if locked:
-        session = {**(session or {}), **locked}
+    session = starting_session(settings.session, session, locked, call_policy(settings, request.app[TOOLBOX], locked),
+                               trusted=bool(request.get(BACKEND)))
+    if isinstance(session, Refusal):
+        return error_response(400, session.code, session.message, param=session.param)
     call = Call(settings, request.app[TARGET], on_closed=lambda c: _ended(request.app, c), call_id=call_id,
                 toolbox=request.app[TOOLBOX], locked=locked, token_nonce=request.get(TOKEN_NONCE))
     if earlier is not None:
@@ -745,7 +877,7 @@ async def create_call(request: web.Request) -> web.Response:
         error_type = "invalid_request_error" if exc.status == 400 else "upstream_error"
         return error_response(exc.status, exc.code, exc.message, error_type, exc.param)
     except Exception:
-        log.exception("call %s: setup failed", call.id)
+        log.exception("call %s: setup failed", call.id, extra={"call_id": call.id})
         await call.close("setup failed: internal error")
         return error_response(500, "internal_error", "The relay failed to set up the call.", "server_error")
     except BaseException:
@@ -753,13 +885,18 @@ async def create_call(request: web.Request) -> web.Response:
         raise
     if request.app[SHUTTING_DOWN].is_set():
         await call.close("server shutdown")
-        return error_response(503, "shutting_down", "The relay is shutting down.", "server_error")
+        return shutting_down_response()
     calls[call.id] = call
-    log.info("call %s started", call.id)
     return web.Response(
         status=201, text=answer, content_type="application/sdp",
         headers={"Location": f"/v1/realtime/calls/{call.id}"},
     )
+
+
+def call_policy(settings: Settings, toolbox: Toolbox, locked: dict[str, Any] | None) -> EventPolicy:
+    """What a call's client may change: the operator's choice of fields, less its client secret's."""
+    return EventPolicy(settings.client_session_fields, locked={k: v for k, v in (locked or {}).items() if k != "type"},
+                       server_tools=[t["name"] for t in toolbox.definitions()])
 
 
 def _ended(app: web.Application, call: Call) -> None:
@@ -838,9 +975,63 @@ async def delete_call(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+@dataclass(frozen=True)
+class Capacity:
+    calls: int  # this worker's calls in progress
+    limit: int  # its share of RELAY_MAX_CALLS
+
+    @property
+    def full(self) -> bool:
+        return self.calls >= self.limit
+
+
+def worker_share(max_calls: int, workers: int) -> int:
+    """Each worker's share of max_calls: ceil(max_calls / workers) (the kernel spreads calls about evenly)."""
+    return -(-max_calls // max(1, workers))
+
+
+def call_capacity(app: web.Application) -> Capacity:
+    """This worker's calls (those being set up included) against its share of RELAY_MAX_CALLS. `full`: new calls
+    must be refused (503 with Retry-After) and /readyz answers 503."""
+    return Capacity(len(app[CALLS]) + len(app[STARTING]),
+                    worker_share(app[SETTINGS].max_calls, app[WORKER].count))
+
+
+async def end_calls(app: web.Application, flush_s: float = FLUSH_ON_SHUTDOWN_S) -> None:
+    """End every call now, each with a relay.shutdown event first. New calls are refused from here on."""
+    start_draining(app)
+    await asyncio.gather(*(call.shut_down(flush_s) for call in list(app[CALLS].values())))
+
+
 async def close_all_calls(app: web.Application) -> None:
-    app[SHUTTING_DOWN].set()
-    await asyncio.gather(*(call.close("server shutdown") for call in list(app[CALLS].values())))
+    """The app's shutdown (after a drain there are none left)."""
+    await end_calls(app)
+
+
+def start_draining(app: web.Application) -> None:
+    """New calls get 503 shutting_down and /readyz 503 from now on; live calls go on."""
+    if not app[SHUTTING_DOWN].is_set():
+        app[SHUTTING_DOWN].set()
+        metrics.set_draining(True)
+
+
+async def drain(app: web.Application, timeout_s: float, hurry: asyncio.Event) -> None:
+    """SIGTERM: refuse new calls at once, let the live ones go on until they end, for `timeout_s` at most or until
+    `hurry` is set (a second SIGTERM), then end those left, each with a relay.shutdown event."""
+    start_draining(app)
+    calls = app[CALLS]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    if calls:
+        log.info("relay draining: %d calls may go on for up to %g s", len(calls), timeout_s,
+                 extra={"event": "draining", "calls": len(calls), "drain_timeout_s": timeout_s})
+    while calls and not hurry.is_set() and loop.time() < deadline:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(hurry.wait(), min(0.1, max(0.0, deadline - loop.time())))
+    if calls:
+        log.info("relay ending %d calls (%s)", len(calls), "second signal" if hurry.is_set() else "drain timeout",
+                 extra={"event": "drain_ended", "calls": len(calls)})
+    await end_calls(app, FLUSH_IN_A_HURRY_S if hurry.is_set() else FLUSH_ON_SHUTDOWN_S)
 
 
 def add_call_routes(app: web.Application, settings: Settings, target: UpstreamTarget, worker: Worker) -> None:
@@ -850,6 +1041,9 @@ def add_call_routes(app: web.Application, settings: Settings, target: UpstreamTa
     app.middlewares.append(routing_middleware(worker, CALLS))
     app[CALLS] = {}
     app[SHUTTING_DOWN] = asyncio.Event()
+    app[STARTING] = set()
+    app[LIMITER] = RateLimiter(settings.calls_per_ip_per_s)
+    app[PROXIES] = networks(settings.trusted_proxies)
     app[ENDED] = OrderedDict()
     app[TOOLBOX] = Toolbox.load(settings.tools)
     for directory in (settings.history_dir, settings.recordings_dir):
@@ -868,6 +1062,22 @@ def _open_stereo_wav(path: Path) -> wave.Wave_write:
     wav.setsampwidth(2)
     wav.setframerate(RECORDING_RATE)
     return wav
+
+
+def check_media_ids(offer_sdp: str) -> None:
+    """Every m-section has its own a=mid and a BUNDLE group names only those (browsers always do so): aiortc takes
+    an offer without them, then fails inside its own tasks, and even in RTCPeerConnection.close()."""
+    description = aiortc_sdp.SessionDescription.parse(offer_sdp)
+    mids = [media.rtp.muxId for media in description.media]
+    if not all(mids) or len(set(mids)) != len(mids):
+        raise ValueError("every m-section needs an a=mid of its own")
+    for group in description.group:
+        if not set(group.items) <= set(mids):
+            raise ValueError(f"a=group:{group.semantic} names a mid that no m-section has")
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def _error_code(event: dict[str, Any]) -> str | None:

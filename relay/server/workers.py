@@ -2,7 +2,10 @@
 
 The master binds the port first (so `--port 0` resolves to a real port), starts N workers that listen on it with
 SO_REUSEPORT (the kernel spreads new connections over them), waits until all are ready, and supervises them:
-SIGTERM/SIGINT go to every worker; a worker that dies is restarted (its calls are lost with it).
+SIGTERM/SIGINT go to every worker, which drains (up to drain_timeout_s; the master waits that long, plus a margin);
+a second signal goes to them too, and they stop at once. A worker that dies is restarted (its calls are lost with
+it). The workers' Prometheus metrics live in files in a directory of the master's (PROMETHEUS_MULTIPROC_DIR), so
+that any worker's /metrics shows them all.
 
 A call lives in the worker that answered its offer. Its id says which (`rtc_` + the worker's index in base 62 +
 random), and each worker also listens on a Unix socket of its own: a later request about a call (hangup, delete)
@@ -38,7 +41,11 @@ log = logging.getLogger("relay")
 
 DIGITS = string.digits + string.ascii_letters  # base 62, as in the ids
 FORWARDED = "X-Relay-Forwarded"
+PEER = "X-Relay-Peer"  # the client's address, on a request forwarded to another worker
 MAX_RESTARTS_PER_MINUTE = 5
+DRAIN_MARGIN_S = 15.0  # beyond drain_timeout_s: a worker's last calls closing, its last requests, its exit
+HURRY_S = 10.0  # after a second signal, how long the workers get before they are killed
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 FORWARD_TIMEOUT = ClientTimeout(total=10)
 SECRETS = {name for name, info in Settings.model_fields.items() if "SecretStr" in str(info.annotation)}
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
@@ -94,8 +101,17 @@ def routing_middleware(worker: Worker, calls_key: web.AppKey):
     return route
 
 
+def peer_address(request: web.Request) -> str | None:
+    """The address of whoever connected: a request forwarded by another worker (over a Unix socket, so no client
+    can forge it) carries the address its first worker saw."""
+    if isinstance(request.transport.get_extra_info("sockname") if request.transport else None, str):
+        return request.headers.get(PEER, request.remote)
+    return request.remote
+
+
 async def forward(request: web.Request, worker: Worker, owner: int) -> web.Response:
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS | {PEER.lower()}}
+    headers[PEER] = peer_address(request) or ""
     answer = await ask_worker(worker, owner, request.path_qs, request.method, headers, await request.read())
     if answer is None:
         return error_response(503, "worker_unavailable", "The worker that owns this call is not available.",
@@ -172,32 +188,38 @@ def run_master(settings: Settings) -> int:
     count = settings.workers
     children: list[subprocess.Popen] = []
     stopping = False
+    hurry_at: float | None = None  # when a second signal came
     sockets = Path(tempfile.mkdtemp(prefix="relay-workers-"))
+    metrics_dir = Path(tempfile.mkdtemp(prefix="relay-metrics-"))
     token_secret = secrets.token_urlsafe(32)  # used when the operator set none: one for all workers, restarts too
 
     def spawn(index: int) -> subprocess.Popen:
-        child = subprocess.Popen([sys.executable, "-m", "relay", "serve"], preexec_fn=_die_with_the_master,
-                                 env=_child_env(settings, port, index, count, sockets, token_secret))
+        env = _child_env(settings, port, index, count, sockets, token_secret) | {MULTIPROC_ENV: str(metrics_dir)}
+        child = subprocess.Popen([sys.executable, "-m", "relay", "serve"], preexec_fn=_die_with_the_master, env=env)
         if stopping:  # a signal came while it started: it must stop too
             child.send_signal(signal.SIGTERM)
         return child
 
     def stop(signum=None, frame=None) -> None:
-        nonlocal stopping
-        if stopping and signum is not None:  # a second signal: stop now
-            for child in children:
-                child.kill()
+        """The first signal: the workers drain. A second: they stop at once (it is their second signal too)."""
+        nonlocal stopping, hurry_at
+        if stopping and signum is not None and hurry_at is None:
+            hurry_at = time.monotonic()
         stopping = True
         for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 
     def wait_all(timeout: float) -> None:
+        """Wait for every worker to exit, `timeout` at most (HURRY_S once a second signal came); kill the rest."""
         deadline = time.monotonic() + timeout
+        while any(child.poll() is None for child in children):
+            limit = deadline if hurry_at is None else min(deadline, hurry_at + HURRY_S)
+            if time.monotonic() >= limit:
+                break
+            time.sleep(0.05)
         for child in children:
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            if child.poll() is None:
                 child.kill()
                 child.wait()
 
@@ -229,9 +251,10 @@ def run_master(settings: Settings) -> int:
                         return 1
                     log.warning("relay worker %d exited (%s); restarting it", index, child.returncode)
                     (sockets / f"worker-{index}.sock").unlink(missing_ok=True)
+                    _forget_metrics_of(child.pid, metrics_dir)
                     children[index] = spawn(index)
             time.sleep(0.2)
-        wait_all(30)
+        wait_all(settings.drain_timeout_s + DRAIN_MARGIN_S)
         return 0
     finally:
         for child in children:
@@ -240,3 +263,11 @@ def run_master(settings: Settings) -> int:
                 child.wait()
         probe.close()
         shutil.rmtree(sockets, ignore_errors=True)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _forget_metrics_of(pid: int, metrics_dir: Path) -> None:
+    """A dead worker's live gauges (its calls in progress) stop counting; its counters stay."""
+    from prometheus_client.multiprocess import mark_process_dead
+
+    mark_process_dead(pid, str(metrics_dir))

@@ -39,6 +39,7 @@ class SimConfig:
     close_abruptly: bool = False  # drop the TCP connection with no close frame (the client sees 1006)
     stall_after_events: int | None = None  # after this many server events, send nothing for stall_s
     stall_s: float = 5.0
+    garbage_after_events: int | None = None  # after this many server events, send GARBAGE (bad frames), then go on
     # Records of what sessions received, for tests to assert on.
     record_sessions: int = 100
     record_audio_s: float = 600.0
@@ -61,7 +62,7 @@ _RANGES = [
     ("transcription_delay_ms", 0, 60_000), ("max_session_s", 0.01, 86_400.0), ("max_message_bytes", 1024, 2**30),
     ("max_buffer_s", 0.1, 3600.0), ("max_items", 1, 100_000), ("max_conversation_audio_s", 1.0, 86_400.0),
     ("close_after_events", 0, 10**9), ("close_after_s", 0.0, 86_400.0), ("close_code", 1000, 4999),
-    ("stall_after_events", 0, 10**9), ("stall_s", 0.0, 3600.0), ("record_sessions", 1, 100_000),
+    ("stall_after_events", 0, 10**9), ("stall_s", 0.0, 3600.0), ("garbage_after_events", 0, 10**9), ("record_sessions", 1, 100_000),
     ("record_audio_s", 0.0, 86_400.0),
 ]
 
@@ -86,6 +87,8 @@ HELP = {
     "close_abruptly": "fault: drop TCP without a close frame (clients see 1006)",
     "stall_after_events": "fault: after this many server events, send nothing for --stall-s",
     "stall_s": "fault: length of the stall in seconds",
+    "garbage_after_events": "fault: after this many server events, send malformed frames (not JSON, not an object, "
+    "binary, no type, unknown type, a 2 MB event, a bad audio delta), then carry on",
     "record_sessions": "how many sessions' records to keep",
     "record_audio_s": "seconds of received audio kept per session record",
     "default_model": "model used when the URL names none",

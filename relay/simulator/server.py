@@ -38,6 +38,17 @@ from relay.simulator.session import SimSession
 log = logging.getLogger("relay.simulator")
 
 RECORDER: web.AppKey["Recorder"] = web.AppKey("recorder")
+# What the garbage fault sends: everything a broken or hostile service could, one frame each.
+GARBAGE: list[str | bytes] = [
+    "not json", "[1, 2]", '"a string"', "null", b"\x00\x01binary", '{"no_type": true}', '{"type": 42}',
+    '{"type": "simulator.unknown_event", "event_id": "event_garbage"}',
+    '{"type": "response.output_audio.delta", "response_id": "resp_x", "item_id": "item_x", "delta": "%%%"}',
+    '{"type": "response.output_audio.delta", "response_id": ["x"], "item_id": {}, "delta": 5}',
+    '{"type": "error", "error": null}', '{"type": "response.done", "response": "done"}',
+    '{"type": "conversation.item.added", "item": {"id": [], "role": "user", "content": [{"type": "input_audio"}]}}',
+    '{"type": "response.output_text.delta", "item_id": "item_big", "delta": "' + "x" * (2 * 1024 * 1024) + '"}',
+    "{" * 100_000,
+]
 CONFIG: web.AppKey["LiveConfig"] = web.AppKey("config")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _MAX_EVENTS_RECORDED = 100_000
@@ -273,6 +284,9 @@ async def _run_session(
                 if not stalled and config.stall_after_events is not None and sent >= config.stall_after_events:
                     stalled = True
                     await asyncio.sleep(config.stall_s)
+                if sent == config.garbage_after_events:
+                    for frame in GARBAGE:
+                        await (ws.send_bytes(frame) if isinstance(frame, bytes) else ws.send_str(frame))
                 await ws.send_str(dumps(event))
                 record.on_sent(event["type"])
                 sent += 1

@@ -16,6 +16,10 @@ tests/unit/test_aiortc_internals.py fails loudly if any of these moves: an upgra
    numpy (~5 us; nothing for digital silence).
 4. aiortc's NTP clock (`aiortc.clock.current_ntp_time`), read for every RTP packet sent (abs-send-time and the
    next sender report) through datetime arithmetic (~6 us): computed from time.time() instead (~0.5 us).
+5. Read only, for metrics and the drain: the audio sender's payload byte count (`RTCRtpSender.__octet_count`, what
+   its getStats() reports as bytesSent, without building a stats report), and whether a data channel's messages
+   have all been acknowledged (`RTCSctpTransport._outbound_queue`: chunks waiting to be sent; `_sent_queue`: sent,
+   not yet acknowledged).
 """
 
 from __future__ import annotations
@@ -114,7 +118,7 @@ def speed_up_audio_sender(enabled: bool = True) -> None:
     """Encode audio inline with the relay's voice encoder and compute its level with numpy, process-wide
     (False restores aiortc's own code)."""
     for name in ("_RTCRtpSender__track", "_RTCRtpSender__encoder", "_RTCRtpSender__force_keyframe",
-                 "_RTCRtpSender__loop"):
+                 "_RTCRtpSender__loop", OCTET_COUNT_ATTRIBUTE):
         if name not in _SENDER_ATTRIBUTES:
             raise InternalsMoved(f"aiortc's RTCRtpSender has no {name} any more")
     RTCRtpSender._next_encoded_frame = _next_encoded_frame_inline if enabled else _original_next_encoded_frame
@@ -129,6 +133,24 @@ _SENDER_ATTRIBUTES = {
     for name in code.co_names
     if name.startswith("_RTCRtpSender__")
 }
+
+
+# --- 5. read only: bytes sent, data channel acknowledged ------------------------------------------------------------
+
+OCTET_COUNT_ATTRIBUTE = "_RTCRtpSender__octet_count"
+
+
+def rtp_bytes_sent(sender: RTCRtpSender | None) -> int:
+    """RTP payload bytes the sender has sent (0 before it has)."""
+    return getattr(sender, OCTET_COUNT_ATTRIBUTE, 0) if sender is not None else 0
+
+
+def data_channel_flushed(channel: Any) -> bool:
+    """Every message sent on the channel has left and been acknowledged by the peer (or the channel is closed)."""
+    if channel.readyState != "open":
+        return True
+    sctp = channel.transport
+    return channel.bufferedAmount == 0 and not sctp._outbound_queue and not sctp._sent_queue
 
 
 # --- 4. the NTP clock ---------------------------------------------------------------------------------------------

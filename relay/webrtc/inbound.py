@@ -19,6 +19,7 @@ from relay.core.reorder import ReorderBuffer
 @dataclass
 class InboundStats:
     packets: int = 0
+    payload_bytes: int = 0  # RTP payloads received (Opus)
     lost: int = 0  # packets given up on (a gap the reorder window did not fill)
     late: int = 0  # packets that came after their turn, or twice
     decode_errors: int = 0
@@ -59,6 +60,7 @@ class InboundAudio:
         if self.first_packet_at is None:
             self.first_packet_at = self.last_packet_at
         self.stats.packets += 1
+        self.stats.payload_bytes += len(packet._data)
         for ready in self._reorder.push(packet.sequence_number, packet):
             self._decode(ready.timestamp, ready._data)
         self.stats.lost = self._reorder.lost

@@ -25,6 +25,7 @@ FRAME_S = 0.020
 TIME_BASE = fractions.Fraction(1, UPSTREAM_RATE)
 _SILENCE = bytes(FRAME_BYTES_24K)
 _MAX_LATE_S = 3 * FRAME_S  # later than this, re-anchor rather than catch up
+LATE_S = FRAME_S  # a frame that leaves later than this after its due time counts as late
 
 
 class PlayoutTrack(MediaStreamTrack):
@@ -44,6 +45,7 @@ class PlayoutTrack(MediaStreamTrack):
         self._index = 0
         self.lateness = deque(maxlen=3000)  # seconds each frame left after its due time (the last minute)
         self.reanchors = 0
+        self.late_frames = 0  # frames that left more than LATE_S after their due time (re-anchors included)
 
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
@@ -57,9 +59,12 @@ class PlayoutTrack(MediaStreamTrack):
             now = self._clock()
         elif now - due > _MAX_LATE_S:
             self.reanchors += 1
+            self.late_frames += 1
             self._start = now - self._index * FRAME_S
             due = now
         self.lateness.append(now - due)
+        if now - due > LATE_S:
+            self.late_frames += 1
         data = self._next_frame() or _SILENCE
         frame = AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES_24K)
         frame.planes[0].update(data)
@@ -68,3 +73,8 @@ class PlayoutTrack(MediaStreamTrack):
         frame.time_base = TIME_BASE
         self._index += 1
         return frame
+
+    @property
+    def frames_sent(self) -> int:
+        """Frames handed to the encoder so far."""
+        return self._index

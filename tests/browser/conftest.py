@@ -117,7 +117,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
             stdout=subprocess.DEVNULL, stderr=sim_log.open("w"), env=env, cwd=ROOT))
         wait_for_line(sim_log, "simulator listening", processes[-1])
         relay_env = env | {"RELAY_UPSTREAM_URL": f"ws://127.0.0.1:{SIM_PORT}/v1/realtime?model=gpt-realtime",
-                           "RELAY_ICE_ADDRESSES": "127.0.0.1"}
+                           "RELAY_ICE_ADDRESSES": "127.0.0.1",
+                           # A demo relay: the page's visitor sets the instructions (the locks have their own test).
+                           "RELAY_CLIENT_SESSION_FIELDS": "*"}
         processes.append(subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-m", "relay", "serve", "--port", str(RELAY_PORT)],
             stdout=subprocess.DEVNULL, stderr=relay_log.open("w"), env=relay_env, cwd=ROOT))

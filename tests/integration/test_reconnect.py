@@ -51,7 +51,7 @@ async def served(simulator):
 
     async def serve(query: str = "", **settings):
         app, runner, url = await _serve(relay_settings(simulator.url + "?model=gpt-realtime" + query,
-                                                      **(FAST_RETRIES | settings)))
+                                                      **(FAST_RETRIES | {"client_session_fields": "*"} | settings)))
         runners.append(runner)
         return app, url
 

@@ -15,7 +15,7 @@ from tests.webrtc_client import call_relay
 @pytest.fixture
 async def relay(simulator):
     settings = relay_settings(simulator.url + "?model=gpt-realtime", tools="tests.tool_fixtures,relay.tools.examples",
-                              tool_timeout_s="0.5")
+                              tool_timeout_s="0.5", client_session_fields="*")  # clients bring tools of their own
     app, runner, url = await _serve(settings)
     yield Relay(app, url, simulator)
     await runner.cleanup()

@@ -51,7 +51,9 @@ def relay_settings(upstream_url: str, **overrides) -> Settings:
 
 @pytest.fixture
 async def relay(simulator):
-    app, runner, url = await _serve(relay_settings(simulator.url + "?model=gpt-realtime", call_idle_timeout_s="3"))
+    # Clients may set the whole session here (the default event policy has its own tests, test_policy.py).
+    app, runner, url = await _serve(relay_settings(simulator.url + "?model=gpt-realtime", call_idle_timeout_s="3",
+                                                   client_session_fields="*"))
     yield Relay(app, url, simulator)
     await runner.cleanup()
 
@@ -478,7 +480,8 @@ async def test_the_page_and_its_client_config_are_served_without_secrets(simulat
             async with http.get(url + "/relay/client-config") as response:
                 text = await response.text()
         config = json.loads(text)
-        assert config["ice_servers"] == [{"urls": "stun:stun.example.org:3478"}] and config["locked"] == []
+        assert config["ice_servers"] == [{"urls": "stun:stun.example.org:3478"}] and config["locked"] == [
+            "instructions", "model", "prompt", "tool_choice", "tools", "tracing"]
         assert config["prices"]["audio_output"] == 50 and config["prices"]["audio_input"] == 32
         assert "sk-canary-page" not in text
     finally:

@@ -98,7 +98,8 @@ async def test_a_call_of_a_missing_worker_is_a_503(two_workers, tmp_path):
 
 
 async def test_relay_serve_with_two_workers(simulator):
-    env = clean_env(RELAY_UPSTREAM_URL=simulator.url, RELAY_ICE_ADDRESSES="127.0.0.1")
+    env = clean_env(RELAY_UPSTREAM_URL=simulator.url, RELAY_ICE_ADDRESSES="127.0.0.1",
+                    RELAY_CALLS_PER_IP_PER_S="1000")  # 8 calls in a row from one address
     async with relay_serve("--workers", "2", env=env) as (process, base, line):
         assert "(2 workers)" in line
         owners = set()

@@ -137,3 +137,18 @@ def test_the_fast_ntp_clock_agrees_with_aiortcs_and_is_what_aiortc_reads():
     finally:
         speed_up_ntp_clock(False)
     assert aiortc.clock.current_ntp_time is _original_current_ntp_time
+
+
+async def test_the_sender_byte_count_and_the_sctp_outbound_queue_are_still_there():
+    from aiortc.rtcsctptransport import RTCSctpTransport
+
+    pc = aiortc.RTCPeerConnection()
+    sender = pc.addTransceiver("audio").sender
+    await pc.close()
+    assert aiortc_internals.rtp_bytes_sent(sender) == 0 and aiortc_internals.rtp_bytes_sent(None) == 0
+    assert hasattr(sender, aiortc_internals.OCTET_COUNT_ATTRIBUTE)
+    assert "self.__octet_count += len(payload)" in inspect.getsource(RTCRtpSender._run_rtp)
+    source = inspect.getsource(RTCSctpTransport)
+    assert "self._outbound_queue: Deque[DataChunk] = deque()" in source  # waiting to be sent
+    assert "self._sent_queue: Deque[DataChunk] = deque()" in source  # sent, not yet acknowledged
+    assert "schunk = self._sent_queue.popleft()" in inspect.getsource(RTCSctpTransport._receive_sack_chunk)

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from relay.config import Settings, SettingsError
-from relay.core.call import CallCore, ToClient
 from relay.server.auth import Tokens, TokenError, is_api_key, ttl_of
 from relay.server.workers import _child_env
 
@@ -70,16 +69,3 @@ def test_workers_get_one_token_secret_and_never_the_keys_in_their_settings(tmp_p
     env = _child_env(settings, 8080, 0, 2, tmp_path, "shared")
     assert env["RELAY_TOKEN_SECRET"] == "shared"
     assert "**" not in json.dumps(env)  # a secret is inherited as it is, never as its mask
-
-
-def test_locked_fields_are_removed_from_updates_and_responses_with_an_error_each():
-    core = CallCore(locked={"instructions": "Be kind.", "tools": []})
-    actions, text = core.on_client_event(json.dumps({"type": "session.update", "session": {
-        "type": "realtime", "instructions": "Be rude.", "tools": [], "voice": "marin"}}))
-    assert [a.event["error"]["param"] for a in actions if isinstance(a, ToClient)] == ["session.instructions"]
-    assert json.loads(text)["session"] == {"type": "realtime", "tools": [], "voice": "marin"}  # same value: no change
-    actions, text = core.on_client_event(json.dumps({"type": "response.create", "response": {
-        "instructions": "Be rude."}}))
-    assert actions[0].event["error"]["code"] == "field_locked" and json.loads(text)["response"] == {}
-    actions, text = core.on_client_event('{"type":"session.update","session":{"type":"realtime"}}')
-    assert actions == [] and text == '{"type":"session.update","session":{"type":"realtime"}}'

@@ -163,3 +163,19 @@ def test_upstream_url_without_any_key():
 def test_upstream_url_flag_overrides_env():
     settings = Settings.load(env={"RELAY_UPSTREAM_URL": "wss://env.example/rt"}, upstream_url="wss://flag.example/rt")
     assert choose_upstream(settings).url == "wss://flag.example/rt"
+
+
+def test_the_operator_session_and_the_clients_fields():
+    settings = Settings.load(env={"RELAY_SESSION": '{"instructions": "You are Ada."}',
+                                  "RELAY_CLIENT_SESSION_FIELDS": "audio, output_modalities"})
+    assert settings.session == {"type": "realtime", "instructions": "You are Ada."}
+    assert settings.client_session_fields == ["audio", "output_modalities"]
+    assert Settings.load(env={}).session == {} and "instructions" not in Settings.load(env={}).client_session_fields
+    assert Settings.load(env={"RELAY_CLIENT_SESSION_FIELDS": "*"}).client_session_fields == ["*"]
+    for env, named in [({"RELAY_SESSION": "[1]"}, "RELAY_SESSION"), ({"RELAY_SESSION": "{"}, "RELAY_SESSION"),
+                       ({"RELAY_CLIENT_SESSION_FIELDS": "audio.voice"}, "RELAY_CLIENT_SESSION_FIELDS"),
+                       ({"RELAY_TRUSTED_PROXIES": "10.0.0.0/33"}, "RELAY_TRUSTED_PROXIES"),
+                       ({"RELAY_MAX_CALLS": "0"}, "RELAY_MAX_CALLS"),
+                       ({"RELAY_CALLS_PER_IP_PER_S": "0"}, "RELAY_CALLS_PER_IP_PER_S")]:
+        with pytest.raises(SettingsError, match=named):
+            Settings.load(env=env)
