@@ -121,8 +121,9 @@ class Settings(BaseModel):
         None, description="the TURN server's shared secret (coturn's static-auth-secret), needed with RELAY_TURN_URLS",
     )
     turn_ttl_s: int = Field(
-        86400, ge=60, le=7 * 86400, description="how long a minted TURN credential is valid; longer than a call "
-        "lasts (coturn refuses an expired credential's refreshes, which ends the allocation)",
+        4000, ge=60, le=7 * 86400, description="how long a minted TURN credential is valid: longer than a call "
+        "may last (coturn refuses an expired credential's refreshes, which ends the allocation), and no longer: "
+        "a client's credential is good for that long, call or no call",
     )
     turn_for_relay: bool = Field(
         False, description="the relay's own peer also gathers a TURN candidate (a credential minted per call), for a "
@@ -168,15 +169,15 @@ class Settings(BaseModel):
         "behind them, the client IP (for the per-IP limit) is taken from X-Forwarded-For",
     )
     max_message_bytes: int = Field(
-        262144, ge=1024, le=16 * 1024 * 1024, description="largest data-channel message a client may send (bytes); "
-        "a larger one gets an error event",
+        262144, ge=1024, le=262144, description="largest data-channel message a client may send (bytes); a larger "
+        "one gets an error event (at most 262144: what the relay's SCTP advertises, a=max-message-size)",
     )
     max_call_duration_s: float = Field(
         3600.0, gt=0, description="end a call after this long, whatever it is doing (the client gets an error event "
         "first)",
     )
     call_idle_timeout_s: float = Field(
-        30.0, gt=0, description="end a call when neither media nor data-channel messages arrive for this long"
+        20.0, gt=0, description="end a call when neither media nor data-channel messages arrive for this long"
     )
     interruptions: bool = Field(
         True, description="flush the model's audio when the user starts speaking (false: keep talking through)"
@@ -344,6 +345,13 @@ class Settings(BaseModel):
         if not self.api_keys and not self.insecure and self.host != "localhost" and not _is_loopback(self.host):
             raise ValueError(f"host: {self.host} is reachable from other machines and no API keys are set: set "
                              "RELAY_API_KEYS, or pass --insecure to serve with open access anyway")
+        return self
+
+    @model_validator(mode="after")
+    def _turn_outlives_calls(self) -> "Settings":
+        if self.turn_urls and self.turn_ttl_s <= self.max_call_duration_s:
+            raise ValueError(f"turn_ttl_s: {self.turn_ttl_s} s would expire before a call of max_call_duration_s "
+                             f"({self.max_call_duration_s:g} s) ends; make it longer")
         return self
 
     @model_validator(mode="after")

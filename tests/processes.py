@@ -80,12 +80,14 @@ class LoggedRelay:
 
 
 @contextlib.asynccontextmanager
-async def relay_logged(*args: str, env: dict[str, str], timeout: float = 30.0) -> AsyncIterator[LoggedRelay]:
+async def relay_logged(*args: str, env: dict[str, str], timeout: float = 30.0, own_group: bool = False
+                       ) -> AsyncIterator[LoggedRelay]:
     """`relay serve --port 0 ARGS`, yielded once it logs that it listens; every line it writes is kept. Killed on
-    the way out if the test did not end it."""
+    the way out if the test did not end it. `own_group`: in a process group of its own (its pid is the group's id),
+    for signals to the whole group as systemd and Docker send them."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "relay", "serve", "--port", "0", *args, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=own_group)
     relay = LoggedRelay(process, "")
     listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 

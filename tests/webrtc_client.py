@@ -21,6 +21,8 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from av import AudioFrame
 
+from relay.webrtc.aiortc_internals import install_packet_tap
+from relay.webrtc.inbound import InboundAudio
 from tests.helpers import FIXTURES
 from tests.oracle import check_server_event
 
@@ -98,6 +100,8 @@ class ClientCall:
     audio: list[np.ndarray] = field(default_factory=list)  # received 48 kHz mono frames
     audio_times: list[float] = field(default_factory=list)
     audio_pts: list[int] = field(default_factory=list)  # RTP timestamps (48 kHz) of the received frames
+    concealed: list[bytes] = field(default_factory=list)  # with `conceal`: 24 kHz PCM16, losses concealed
+    receiver: Any = None  # with `conceal`: the InboundAudio the received packets go through
     _new_event: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -137,10 +141,13 @@ def strip_candidates(sdp: str) -> str:
 async def call_relay(base_url: str, mutate_offer: Callable[[str], str] = lambda s: s,
                      session: dict[str, Any] | None = None, http: aiohttp.ClientSession | None = None,
                      resume: str | None = None, headers: dict[str, str] | None = None,
-                     on_answer: Callable[[str], Awaitable[None]] | None = None, strict: bool = True) -> ClientCall:
+                     on_answer: Callable[[str], Awaitable[None]] | None = None, strict: bool = True,
+                     conceal: bool = False) -> ClientCall:
     """Connect a client peer to the relay; raises AssertionError with the body if it does not answer 201.
     `on_answer` is awaited with the answer SDP before the client applies it (and starts its ICE checks).
-    `strict`: every event the relay passes on must be a valid GA event (False: an upstream that sends garbage)."""
+    `strict`: every event the relay passes on must be a valid GA event (False: an upstream that sends garbage).
+    `conceal`: receive like a browser (a jitter buffer that reorders and Opus loss concealment, here the relay's
+    own inbound path with an 80 ms window) into `concealed`, instead of aiortc's receiver into `audio`."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     channel = pc.createDataChannel("oai-events")
     mic = Microphone()
@@ -159,6 +166,11 @@ async def call_relay(base_url: str, mutate_offer: Callable[[str], str] = lambda 
 
     @pc.on("track")
     def on_track(track: MediaStreamTrack) -> None:
+        if conceal:
+            (receiver,) = [t.receiver for t in pc.getTransceivers() if t.receiver.track is track]
+            call.receiver = InboundAudio(call.concealed.append, reorder_window=4)
+            install_packet_tap(receiver, call.receiver)
+            return
         async def record() -> None:
             with contextlib.suppress(Exception):
                 while True:

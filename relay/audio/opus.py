@@ -23,9 +23,11 @@ RATES = (8000, 12000, 16000, 24000, 48000)  # what libopus codes directly
 FRAME_SAMPLES = RATE // 50  # 20 ms
 MAX_PACKET_BYTES = 1500
 MAX_FRAME_SAMPLES = RATE * 120 // 1000  # the longest Opus packet: 120 ms
+CONCEAL_STEP = RATE // 400  # lost audio is recovered in multiples of 2.5 ms (libopus' smallest frame)
 
 _APPLICATIONS = {"voip": 2048, "audio": 2049, "restricted_lowdelay": 2051}
 _SET_BITRATE, _SET_VBR, _SET_COMPLEXITY, _SET_VBR_CONSTRAINT = 4002, 4006, 4010, 4020
+_SET_INBAND_FEC, _SET_PACKET_LOSS_PERC = 4012, 4014
 
 
 class OpusError(RuntimeError):
@@ -78,7 +80,7 @@ class Encoder:
     """20 ms frames of mono PCM16 (at 24 kHz: 960 bytes; any of RATES) to Opus packets."""
 
     def __init__(self, bitrate: int = 48000, complexity: int = 5, application: str = "audio",
-                 constrained_vbr: bool = True, rate: int = RATE) -> None:
+                 constrained_vbr: bool = True, rate: int = RATE, fec_loss_percent: int = 0) -> None:
         if rate not in RATES:
             raise ValueError(f"libopus codes {RATES} Hz, not {rate}")
         self.rate = rate
@@ -90,6 +92,9 @@ class Encoder:
         for request, value in ((_SET_BITRATE, bitrate), (_SET_COMPLEXITY, complexity), (_SET_VBR, 1),
                                (_SET_VBR_CONSTRAINT, int(constrained_vbr))):
             _check(_lib.opus_encoder_ctl(self._state, request, value), f"opus_encoder_ctl({request})")
+        if fec_loss_percent:  # in-band FEC, as browsers send it (SILK and hybrid modes only: `application="voip"`)
+            for request, value in ((_SET_INBAND_FEC, 1), (_SET_PACKET_LOSS_PERC, fec_loss_percent)):
+                _check(_lib.opus_encoder_ctl(self._state, request, value), f"opus_encoder_ctl({request})")
         self._out = ctypes.create_string_buffer(MAX_PACKET_BYTES)
 
     def encode(self, pcm: bytes) -> bytes:
@@ -118,3 +123,15 @@ class Decoder:
         samples = _check(_lib.opus_decode(self._state, payload, len(payload), self._out, MAX_FRAME_SAMPLES, 0),
                          "opus_decode")
         return ctypes.string_at(self._out, samples * 2)
+
+    def recover(self, samples: int, next_payload: bytes | None) -> bytes:
+        """`samples` (a multiple of 2.5 ms, at most 120 ms) of audio that was lost, ending where `next_payload`
+        begins: its in-band FEC copy of the lost frame where the sender put one (SILK and hybrid modes, browsers'
+        default), else libopus' loss concealment (a continuation of the voice that fades out)."""
+        samples = min(samples, MAX_FRAME_SAMPLES) // CONCEAL_STEP * CONCEAL_STEP
+        if samples <= 0:
+            return b""
+        fec = 1 if next_payload else 0
+        got = _check(_lib.opus_decode(self._state, next_payload or None, len(next_payload or b""), self._out,
+                                      samples, fec), "opus_decode (recovery)")
+        return ctypes.string_at(self._out, got * 2)

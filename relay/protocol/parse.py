@@ -57,9 +57,20 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"duplicate key {duplicate!r}")
+    return obj
+
+
 def loads(data: str | bytes) -> Any:
-    """Strict JSON: NaN and Infinity are refused (a browser's JSON.parse would choke on them when echoed back)."""
-    return json.loads(data, parse_constant=_no_constant)
+    """Strict JSON: NaN and Infinity are refused (a browser's JSON.parse would choke on them when echoed back), and
+    so are duplicate keys: parsers differ on which one wins, so an event checked here could mean something else to
+    the service it is forwarded to."""
+    return json.loads(data, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
 
 
 def dumps(event: dict[str, Any]) -> str:

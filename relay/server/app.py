@@ -24,7 +24,8 @@ from relay.server.metrics import add_metrics
 from relay.server.workers import Worker
 from relay.upstream.target import UpstreamTarget, choose_upstream
 from relay.webrtc.ice import client_ice_servers
-from relay.webrtc.aiortc_internals import restrict_host_addresses, speed_up_audio_sender, speed_up_ntp_clock
+from relay.webrtc.aiortc_internals import (guard_ice_data, restrict_host_addresses, speed_up_audio_sender,
+                                          speed_up_ntp_clock)
 
 log = logging.getLogger("relay")
 SHUTDOWN_TIMEOUT_S = 5.0
@@ -76,6 +77,7 @@ def create_app(settings: Settings, upstream: UpstreamTarget, worker: Worker = Wo
     restrict_host_addresses(settings.ice_addresses)
     speed_up_audio_sender()
     speed_up_ntp_clock()
+    guard_ice_data()
     app = web.Application(client_max_size=settings.max_sdp_bytes)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -96,14 +98,26 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     hurry = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    def on_signal() -> None:
-        if stop.is_set():
+    worker = Worker.from_env()
+    supervised = worker.count > 1  # a master forwards every signal to its workers
+
+    def on_signal(sig: int) -> None:
+        # Under a master a repeated SIGTERM is no hurry: it also came from the master, forwarding the first one
+        # (systemd, `kill -TERM -<pgid>` and Docker signal the whole group). The master says hurry with SIGUSR1.
+        if stop.is_set() and not (supervised and sig == signal.SIGTERM):
             hurry.set()
+        stop.set()
+
+    def on_hurry() -> None:
+        hurry.set()
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, on_signal)
+            loop.add_signal_handler(sig, on_signal, sig)
+    if supervised:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGUSR1, on_hurry)
     upstream = choose_upstream(settings)
     simulator: RunningSimulator | None = None
     runner: web.AppRunner | None = None
@@ -113,7 +127,6 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             # same code path as any other upstream.
             simulator = await start_simulator(SimConfig(default_model=settings.model), "127.0.0.1", 0)
             upstream = UpstreamTarget("simulator", f"{simulator.url}?{urlencode({'model': settings.model})}")
-        worker = Worker.from_env()
         if worker.index == 0:
             log.info(upstream.describe())
         # shutdown_timeout: what the last requests in progress get once the calls are gone (a signaling request

@@ -38,7 +38,7 @@ from relay.tools import ToolContext, Toolbox
 from relay.core.policy import EventPolicy, Refusal, starting_session
 from relay.server.auth import BACKEND, TOKEN_NONCE, TOKEN_SESSION
 from relay.server.errors import error_response
-from relay.server.limits import Networks, RateLimiter, client_address, networks, retry_after
+from relay.server.limits import Networks, RateLimiter, client_address, networks, rate_key, retry_after
 from relay.protocol import new_id
 from relay.upstream.client import UpstreamError, open_upstream
 from relay.server.workers import Worker, ask_worker, peer_address, routing_middleware
@@ -140,6 +140,9 @@ class Call:
                 ws, _ = await upstream
                 await ws.close()
             raise
+        if self.close_reason is not None:  # ended while the upstream opened (its peer connection failed at once)
+            await ws.close()
+            raise SignalingError(400, "call_ended", f"The call ended while it was set up: {self.close_reason}.")
         self._adopt(ws, initial_events, first=True)
         self._spawn(self._keep_upstream(), "upstream-reader")
         self._spawn(self._write_upstream(), "upstream-writer")
@@ -147,10 +150,9 @@ class Call:
         self._spawn(self._watch(), "watchdog")
         if self.recording is not None:
             self._spawn(self._keep_recording(), "recording")
-        if self.close_reason is None:  # not ended meanwhile (its peer connection failed at once)
-            self.answered = True
-            metrics.call_started()
-            log.info("call %s started", self.id, extra={"call_id": self.id, "event": "started"})
+        self.answered = True
+        metrics.call_started()
+        log.info("call %s started", self.id, extra={"call_id": self.id, "event": "started"})
         return answer
 
     async def _negotiate(self, offer_sdp: str) -> str:
@@ -334,7 +336,11 @@ class Call:
                 if ws is not self.ws:
                     return  # replaced: the rest of the old session's events are not wanted
                 if isinstance(text, str):
-                    self._on_upstream_text(text)
+                    try:
+                        self._on_upstream_text(text)
+                    except Exception:  # a bug met by one odd event costs that event, not the session
+                        log.exception("call %s: failed on an upstream event; dropped", self.id,
+                                      extra={"call_id": self.id})
 
     async def _reconnect(self, lost: websockets.ClientConnection) -> bool:
         """The upstream session `lost` ended: open a new one with the session configuration and the conversation,
@@ -626,7 +632,7 @@ class Call:
         idle, longest = self.settings.call_idle_timeout_s, self.settings.max_call_duration_s
         while True:
             left = self.started_at + longest - time.monotonic()
-            await asyncio.sleep(max(0.0, min(5.0, idle / 4, left)))
+            await asyncio.sleep(max(0.0, min(1.0, idle / 4, left)))  # a vanished client is freed within ~1 s of it
             now = time.monotonic()
             heard = [t for t in (self.started_at, self.inbound.last_packet_at, self.last_client_message_at) if t]
             if now - max(heard) > idle:
@@ -835,7 +841,9 @@ async def create_call(request: web.Request) -> web.Response:
 def _over_limits(request: web.Request) -> web.Response | None:
     """429 when this client creates calls too fast, 503 when the relay carries all the calls it may."""
     app = request.app
-    client = client_address(peer_address(request), request.headers.get("X-Forwarded-For"), app[PROXIES])
+    # Every X-Forwarded-For line: a proxy may append its own line after one the client wrote.
+    forwarded_for = ",".join(request.headers.getall("X-Forwarded-For", ()))
+    client = rate_key(client_address(peer_address(request), forwarded_for, app[PROXIES]))
     wait = app[LIMITER].take(client, time.monotonic())
     if wait:
         return error_response(429, "rate_limit_exceeded", "Too many calls from this address; try again later "

@@ -60,6 +60,20 @@ def client_address(peer: str | None, forwarded_for: str | None, trusted_proxies:
     return address
 
 
+def rate_key(address: str) -> str:
+    """Whose allowance a request uses: an IPv4 address, or an IPv6 address's /64 (one subscriber holds a whole
+    /64: per address, it would have 2^64 allowances)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
+
 def _within(address: str, trusted: Networks) -> bool:
     try:
         ip = ipaddress.ip_address(address)

@@ -3,8 +3,9 @@
 The master binds the port first (so `--port 0` resolves to a real port), starts N workers that listen on it with
 SO_REUSEPORT (the kernel spreads new connections over them), waits until all are ready, and supervises them:
 SIGTERM/SIGINT go to every worker, which drains (up to drain_timeout_s; the master waits that long, plus a margin);
-a second signal goes to them too, and they stop at once. A worker that dies is restarted (its calls are lost with
-it). The workers' Prometheus metrics live in files in a directory of the master's (PROMETHEUS_MULTIPROC_DIR), so
+a second signal goes to them as SIGUSR1, and they stop at once (a repeated SIGTERM alone does not hurry a worker:
+systemd and Docker signal the whole process group, so each worker gets the first one twice). A worker that dies is
+restarted (its calls are lost with it). The workers' Prometheus metrics live in files in a directory of the master's (PROMETHEUS_MULTIPROC_DIR), so
 that any worker's /metrics shows them all.
 
 A call lives in the worker that answered its offer. Its id says which (`rtc_` + the worker's index in base 62 +
@@ -201,14 +202,14 @@ def run_master(settings: Settings) -> int:
         return child
 
     def stop(signum=None, frame=None) -> None:
-        """The first signal: the workers drain. A second: they stop at once (it is their second signal too)."""
+        """The first signal: the workers drain. A second: they stop at once."""
         nonlocal stopping, hurry_at
         if stopping and signum is not None and hurry_at is None:
             hurry_at = time.monotonic()
         stopping = True
-        for child in children:
+        for child in children:  # a second signal is SIGUSR1: a worker may get SIGTERM twice (its group's, ours)
             if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+                child.send_signal(signal.SIGTERM if hurry_at is None else signal.SIGUSR1)
 
     def wait_all(timeout: float) -> None:
         """Wait for every worker to exit, `timeout` at most (HURRY_S once a second signal came); kill the rest."""

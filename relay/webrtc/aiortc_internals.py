@@ -20,6 +20,12 @@ tests/unit/test_aiortc_internals.py fails loudly if any of these moves: an upgra
    its getStats() reports as bytesSent, without building a stats report), and whether a data channel's messages
    have all been acknowledged (`RTCSctpTransport._outbound_queue`: chunks waiting to be sent; `_sent_queue`: sent,
    not yet acknowledged).
+6. aioice's datagram intake (`aioice.ice.StunProtocol.datagram_received`, `Connection.data_received`): every
+   datagram that is not STUN, from any source, goes into the connection's unbounded queue (nothing reads it until
+   ICE has connected). Media is taken only from an address the peer has proven with an authenticated STUN check
+   (a pair of the connection's check list; browsers do the same), the queue is bounded, and what is dropped is
+   counted. It is also faster: RTP and DTLS are told from STUN by their first byte (RFC 7983) instead of by a
+   failed STUN parse per packet.
 """
 
 from __future__ import annotations
@@ -171,3 +177,51 @@ def speed_up_ntp_clock(enabled: bool = True) -> None:
     if not callable(getattr(aiortc.clock, "current_ntp_time", None)):
         raise InternalsMoved("aiortc.clock.current_ntp_time is gone")
     aiortc.clock.current_ntp_time = current_ntp_time if enabled else _original_current_ntp_time
+
+
+# --- 6. aioice's datagram intake: known sources only, bounded -------------------------------------------------------
+
+MAX_QUEUED_DATAGRAMS = 256  # ~5 s of one call's audio packets waiting for DTLS/SRTP to read them
+_original_datagram_received = aioice.ice.StunProtocol.datagram_received
+_original_data_received = aioice.ice.Connection.data_received
+ice_data_dropped = {"foreign": 0, "overflow": 0}  # process-wide counts of datagrams refused
+
+
+def _from_checked_peer(protocol: Any, addr: tuple[str, int]) -> bool:
+    """Did `addr` prove itself on this socket (a candidate pair of the check list: it sent an authenticated STUN
+    request, or answered ours)? The nominated pair first: that is where media comes from."""
+    connection = protocol.receiver
+    for pair in connection._nominated.values():
+        if pair.protocol is protocol and pair.remote_addr == addr:
+            return True
+    return any(pair.protocol is protocol and pair.remote_addr == addr for pair in connection._check_list)
+
+
+def _datagram_received(self: Any, data: bytes, addr: tuple[Any, ...]) -> None:
+    if data and data[0] > 3:  # not STUN (RFC 7983: DTLS 20-63, SRTP/SRTCP 128-191, anything else is junk)
+        addr = (addr[0], addr[1])
+        if _from_checked_peer(self, addr):
+            self.receiver.data_received(data, self.local_candidate.component)
+        else:
+            ice_data_dropped["foreign"] += 1
+        return
+    _original_datagram_received(self, data, addr)
+
+
+def _bounded_data_received(self: Any, data: bytes, component: int) -> None:
+    if self._queue.qsize() < MAX_QUEUED_DATAGRAMS:
+        self._queue.put_nowait((data, component))
+    else:
+        ice_data_dropped["overflow"] += 1
+
+
+def guard_ice_data(enabled: bool = True) -> None:
+    """Process-wide (False restores aioice's own intake)."""
+    connection = aioice.ice.Connection
+    attributes = connection.__init__.__code__.co_names
+    if not hasattr(connection, "data_received") or not {"_queue", "_check_list", "_nominated"} <= set(attributes):
+        raise InternalsMoved("aioice's Connection no longer has the queue, check list and nominated pairs")
+    if not hasattr(aioice.ice.CandidatePair, "remote_addr"):
+        raise InternalsMoved("aioice's CandidatePair.remote_addr is gone")
+    aioice.ice.StunProtocol.datagram_received = _datagram_received if enabled else _original_datagram_received
+    connection.data_received = _bounded_data_received if enabled else _original_data_received

@@ -23,11 +23,14 @@ class InboundStats:
     lost: int = 0  # packets given up on (a gap the reorder window did not fill)
     late: int = 0  # packets that came after their turn, or twice
     decode_errors: int = 0
-    gap_fill_ms: float = 0.0
+    recovered_ms: float = 0.0  # lost audio rebuilt by Opus (in-band FEC, else loss concealment)
+    gap_fill_ms: float = 0.0  # longer gaps (the client paused) filled with silence
     over_budget_ms: float = 0.0  # audio not sent because it would run ahead of real time
 
 
 BUDGET_SLACK_MS = 500.0
+RECOVER_MAX_TICKS = 120 * 48  # gaps up to 120 ms are lost packets, rebuilt by Opus; longer ones are pauses
+FEC_TICKS = 20 * 48  # the frame before a packet, which its in-band FEC may carry
 
 
 def _timestamp_distance(a: int, b: int) -> int:
@@ -70,7 +73,9 @@ class InboundAudio:
     def _decode(self, timestamp: int, payload: bytes) -> None:
         if self._next_timestamp is not None:
             missing = _timestamp_distance(self._next_timestamp, timestamp)
-            if missing > 0:
+            if 0 < missing <= RECOVER_MAX_TICKS and payload:
+                self._recover(missing, payload)
+            elif missing > 0:
                 self._fill(min(missing, self._max_gap_samples))
         if not payload:
             return
@@ -81,6 +86,21 @@ class InboundAudio:
             return
         self._emit(pcm24)
         self._next_timestamp = (timestamp + len(pcm24)) % 2**32  # 2 bytes a 24 kHz sample: one byte a 48 kHz tick
+
+    def _recover(self, ticks: int, payload: bytes) -> None:
+        """Lost packets before this one: concealment for all but the last frame, and that one from this packet's
+        FEC data (concealment again when it has none). Counted as lost audio, not as silence."""
+        try:
+            concealed = self._decoder.recover(max(0, ticks - FEC_TICKS) // 2, None)
+            rebuilt = concealed + self._decoder.recover((ticks - len(concealed)) // 2, payload)
+        except opus.OpusError:
+            self.stats.decode_errors += 1
+            self._fill(ticks)
+            return
+        self.stats.recovered_ms += len(rebuilt) / 48
+        self._emit(rebuilt)
+        if len(rebuilt) < ticks:  # not a multiple of 2.5 ms: the rest as silence keeps the timeline
+            self._fill(ticks - len(rebuilt))
 
     def _fill(self, samples_48k: int) -> None:
         """Silence for audio that never came (a lost packet, or the client pausing)."""

@@ -24,8 +24,10 @@ ROLES = ["user", "assistant", "system", "developer"]
 
 @st.composite
 def items(draw):
-    item = {"type": draw(st.sampled_from(ITEM_TYPES)), "id": draw(ids), "role": draw(st.sampled_from(ROLES)),
-            "call_id": draw(ids), "name": draw(st.sampled_from(["get_weather", "current_time", "end_call", "x"])),
+    item = {"type": draw(st.sampled_from(ITEM_TYPES) | json_values), "id": draw(ids | json_values),
+            "role": draw(st.sampled_from(ROLES) | json_values),
+            "call_id": draw(ids | json_values),
+            "name": draw(st.sampled_from(["get_weather", "current_time", "end_call", "x"]) | json_values),
             "output": draw(st.text(max_size=20)), "arguments": draw(st.text(max_size=20)),
             "content": draw(st.lists(st.fixed_dictionaries({
                 "type": st.sampled_from(["input_text", "input_audio", "output_text", "output_audio", "text"]),

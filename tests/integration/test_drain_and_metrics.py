@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 from typing import Any
 
@@ -158,6 +159,29 @@ async def test_two_workers_drain_together_and_a_second_sigterm_stops_them(simula
             await call.wait_for("relay.shutdown", timeout=10)
         finally:
             await call.close()
+
+
+async def test_a_sigterm_to_the_whole_process_group_drains_and_does_not_hurry(simulator):
+    """systemd's KillMode=control-group, `docker stop` of a shell entrypoint: each worker gets SIGTERM from the
+    group and again from the master passing it on. That is still the first signal: the calls go on."""
+    async with relay_logged("--workers", "2", env=relay_env(simulator, drain_timeout_s="600"), own_group=True) as relay, \
+            aiohttp.ClientSession() as http:
+        call = await call_relay(relay.base)
+        try:
+            await call.wait_for("session.created")
+            os.killpg(relay.process.pid, signal.SIGTERM)  # the relay's own group: the master and its workers only
+            await until_draining(http, relay, in_a_row=6, workers=2)
+            start = len(call.events)
+            call.send({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Still there?"}]}})
+            call.send({"type": "response.create"})
+            await call.wait_for("response.done", after=start, timeout=20)
+            assert relay.process.returncode is None and "relay.shutdown" not in call.types()
+            await hang_up(http, relay.base, call)
+        finally:
+            await call.close()
+        await exits_cleanly(relay)
+    assert "relay.shutdown" not in call.types()
 
 
 async def test_readyz_says_503_while_the_worker_is_full_and_metrics_can_be_turned_off(simulator):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay.server.limits import RateLimiter, client_address, networks, retry_after
+from relay.server.limits import RateLimiter, client_address, networks, rate_key, retry_after
 
 
 def test_a_burst_then_the_rate():
@@ -47,3 +47,10 @@ def test_the_client_address_behind_trusted_proxies_only():
     assert client_address("::1", None, proxies) == "::1"
     assert client_address("10.1.2.3", "not-an-ip", proxies) == "not-an-ip"  # its own bucket, like any other
     assert client_address(None, None, []) == "unknown"
+
+
+def test_ipv6_clients_share_their_64_and_mapped_ipv4_is_ipv4():
+    assert rate_key("2001:db8:1:2:aaaa::1") == rate_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert rate_key("2001:db8:1:3::1") != rate_key("2001:db8:1:2::1")
+    assert rate_key("::ffff:198.51.100.7") == rate_key("198.51.100.7") == "198.51.100.7"
+    assert rate_key("unknown") == "unknown"

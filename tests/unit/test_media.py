@@ -4,14 +4,17 @@ clock."""
 from __future__ import annotations
 
 import fractions
+import wave
 from dataclasses import dataclass
 
 import av
 import numpy as np
 import pytest
 
+from relay.audio import opus
 from relay.webrtc.inbound import InboundAudio
 from relay.webrtc.playout import PlayoutTrack
+from tests.helpers import FIXTURES
 
 
 @dataclass
@@ -57,12 +60,41 @@ def test_every_packet_is_decoded_and_sent_at_once_as_24k_mono():
     assert tap.stats.packets == 50 and tap.stats.lost == 0
 
 
-def test_a_lost_packet_becomes_silence_of_its_length():
+def test_a_lost_packet_is_rebuilt_by_opus_to_its_length():
     packets = opus_packets(50)
     _, whole = run(packets)
     tap, chunks = run(packets[:20] + packets[21:], reorder_window=2)
     assert abs(ms(chunks) - ms(whole)) < 0.1  # the timeline stays aligned with real time
-    assert tap.stats.lost == 1 and tap.stats.gap_fill_ms == 20
+    assert tap.stats.lost == 1 and tap.stats.recovered_ms == 20 and tap.stats.gap_fill_ms == 0
+    original = np.frombuffer(b"".join(whole), "<i2").astype(float)
+    rebuilt = np.frombuffer(b"".join(chunks), "<i2").astype(float)
+    lost = slice(20 * 480, 21 * 480)
+    silence_error = np.sum(original[lost] ** 2)
+    assert np.sum((rebuilt[lost] - original[lost]) ** 2) < silence_error / 4  # far closer than silence
+
+
+def test_in_band_fec_rebuilds_a_lost_frame_better_than_concealment():
+    with wave.open(str(FIXTURES / "speech_hello_24k.wav")) as wav:
+        speech = wav.readframes(wav.getnframes())
+    encoder = opus.Encoder(bitrate=32000, application="voip", fec_loss_percent=10)
+    frames = [speech[i : i + 960] for i in range(0, len(speech) - 960, 960)]
+    packets = [encoder.encode(frame) for frame in frames]
+    energy = [np.sum(np.frombuffer(f, "<i2").astype(float) ** 2) for f in frames]
+    k = int(np.argmax(energy[5:-5])) + 5  # lose the loudest frame: the hardest to guess
+    reference, with_fec, concealed = opus.Decoder(), opus.Decoder(), opus.Decoder()
+    for packet in packets[:k]:
+        for decoder in (reference, with_fec, concealed):
+            decoder.decode(packet)
+    truth = np.frombuffer(reference.decode(packets[k]), "<i2").astype(float)
+    errors = [np.sum((np.frombuffer(decoder.recover(480, payload), "<i2").astype(float) - truth) ** 2)
+              for decoder, payload in ((with_fec, packets[k + 1]), (concealed, None))]
+    assert errors[0] < errors[1] / 2, errors
+
+
+def test_a_longer_gap_is_a_pause_filled_with_silence():
+    packets = opus_packets(50)
+    tap, chunks = run(packets[:20] + packets[27:], reorder_window=2)  # 140 ms: beyond what Opus rebuilds
+    assert tap.stats.gap_fill_ms == 140 and tap.stats.recovered_ms == 0
 
 
 def test_reordered_packets_come_out_in_order():

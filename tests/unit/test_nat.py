@@ -65,14 +65,14 @@ def test_turn_credential_is_coturns_rest_scheme():
 
 def test_clients_get_a_fresh_turn_entry_after_the_configured_servers():
     settings = Settings.load(env={**TURN_ENV, "RELAY_ICE_SERVERS": '[{"urls": "stun:stun.example.org:3478"}]',
-                                  "RELAY_TURN_TTL_S": "3600"})
+                                  "RELAY_TURN_TTL_S": "3700"})
     first = client_ice_servers(settings, now=1_000_000, with_turn=True)
     second = client_ice_servers(settings, now=1_000_000, with_turn=True)
     assert first[0] == {"urls": "stun:stun.example.org:3478"}
     turn = first[1]
     assert turn["urls"] == ["turn:turn.example.org:3478?transport=udp", "turn:turn.example.org:3478?transport=tcp"]
     expiry, user = turn["username"].split(":")
-    assert int(expiry) == 1_003_600 and user
+    assert int(expiry) == 1_003_700 and user
     expected = base64.b64encode(hmac.new(SECRET.encode(), turn["username"].encode(), hashlib.sha1).digest()).decode()
     assert turn["credential"] == expected
     assert second[1]["username"] != turn["username"]  # one per request
@@ -91,7 +91,7 @@ def test_the_relays_own_peer_uses_turn_only_when_told_to():
         {"urls": "stun:stun.example.org:3478"}]
     servers = relay_ice_servers(Settings.load(env={**TURN_ENV, "RELAY_ICE_SERVERS": stun,
                                                    "RELAY_TURN_FOR_RELAY": "true"}), "rtc_1", now=0)
-    assert servers[0]["username"] == "86400:rtc_1"  # first: aiortc uses the first TURN server only
+    assert servers[0]["username"] == "4000:rtc_1"  # first: aiortc uses the first TURN server only
     assert servers[1] == {"urls": "stun:stun.example.org:3478"}
 
 
@@ -134,7 +134,7 @@ def test_an_answer_without_host_candidates_of_that_family_is_unchanged():
 def test_nat_settings_defaults():
     settings = Settings.load(env={})
     assert settings.announced_ip is None and settings.turn_urls == [] and settings.turn_secret is None
-    assert settings.turn_ttl_s == 86400 and settings.turn_for_relay is False
+    assert settings.turn_ttl_s == 4000 and settings.turn_for_relay is False
 
 
 def test_nat_settings_from_env_and_a_json_list():
@@ -163,3 +163,9 @@ def test_bad_nat_settings_are_refused_naming_the_setting(env, named):
     with pytest.raises(SettingsError, match=named) as caught:
         Settings.load(env=env)
     assert SECRET not in str(caught.value)
+
+
+def test_a_turn_credential_must_outlive_the_longest_call():
+    with pytest.raises(SettingsError, match="turn_ttl_s: 3600 s would expire"):
+        Settings.load(env={**TURN_ENV, "RELAY_TURN_TTL_S": "3600"})
+    assert Settings.load(env={**TURN_ENV, "RELAY_TURN_TTL_S": "600", "RELAY_MAX_CALL_DURATION_S": "300"})
