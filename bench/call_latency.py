@@ -96,7 +96,8 @@ class Timings:
 
 async def through_relay(count: int) -> dict:
     simulator = await start_simulator(SimConfig(echo_appends=True))
-    settings = Settings.load(env={}, upstream_url=simulator.url, ice_addresses="127.0.0.1")
+    settings = Settings.load(env={}, upstream_url=simulator.url, ice_addresses="127.0.0.1",
+                             calls_per_ip_per_s="100000")
     timings = Timings()
     timings.wrap(inbound_module.InboundAudio, "add", "inbound per packet")
     timings.wrap(calls_module.Call, "_on_audio_delta", "outbound per delta")
@@ -151,7 +152,8 @@ async def barge_ins(count: int) -> dict:
     The user says a steady tone; the simulator (normal mode, replies generated 4x faster than real time) echoes it
     after 300 ms of prefix padding. A moment into the reply the user talks over it with another tone."""
     simulator = await start_simulator(SimConfig(first_delta_delay_ms=100))
-    settings = Settings.load(env={}, upstream_url=simulator.url, ice_addresses="127.0.0.1")
+    settings = Settings.load(env={}, upstream_url=simulator.url, ice_addresses="127.0.0.1",
+                             calls_per_ip_per_s="100000")
     app = create_app(settings, choose_upstream(settings))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -34,7 +34,7 @@ from bench.stack import (  # noqa: E402
 
 LATE_LIMIT = 0.005
 WARM_S = 3.0
-MAX_LOAD_S = 900.0  # a load process ends by itself after this, whatever happens
+MAX_LOAD_S = 900.0  # a load process ends by itself after this (or its --max-s), whatever happens
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,11 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Load:
     """One load process: `calls` client peers against `url`."""
 
-    def __init__(self, url: str, calls: int, cpus: str | None, work: Path, name: str) -> None:
+    def __init__(self, url: str, calls: int, cpus: str | None, work: Path, name: str,
+                 max_s: float = MAX_LOAD_S) -> None:
         self.calls = calls
         log = (work / f"{name}.log").open("w")
         self.process = subprocess.Popen(
-            stand_in(pinned(cpus, [sys.executable, str(Path(__file__)), "--load", url, "--calls", str(calls)])),
+            stand_in(pinned(cpus, [sys.executable, str(Path(__file__)), "--load", url, "--calls", str(calls),
+                                   "--max-s", str(max_s)])),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=ROOT, text=True)
 
     def wait_up(self, timeout: float = 60.0) -> bool:
@@ -219,7 +221,7 @@ def count_received_rtp_only() -> None:
     RTCDtlsTransport._handle_rtp_data = _handle_rtp_data
 
 
-async def run_load(url: str, calls: int) -> None:
+async def run_load(url: str, calls: int, max_s: float = MAX_LOAD_S) -> None:
     """A load process: `calls` peers sending pre-encoded speech until standard input closes."""
     import aiohttp
     import numpy as np
@@ -245,7 +247,7 @@ async def run_load(url: str, calls: int) -> None:
         print("up", flush=True)
         stdin_closed = asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
         try:
-            await asyncio.wait_for(stdin_closed, MAX_LOAD_S)
+            await asyncio.wait_for(stdin_closed, max_s)
         except TimeoutError:
             pass
         print(json.dumps({"packets": [len(peer.log.times) for peer in peers]}), flush=True)
@@ -256,5 +258,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--load", required=True)
     parser.add_argument("--calls", type=int, required=True)
+    parser.add_argument("--max-s", type=float, default=MAX_LOAD_S)
     options = parser.parse_args()
-    asyncio.run(run_load(options.load, options.calls))
+    asyncio.run(run_load(options.load, options.calls, options.max_s))

@@ -81,7 +81,8 @@ async def one_call(http: aiohttp.ClientSession, sim_config: SimConfig, query: st
 
 
 async def serve(upstream_url: str, **settings: str) -> tuple[web.AppRunner, str]:
-    config = Settings.load(env={}, upstream_url=upstream_url, ice_addresses="127.0.0.1", workers=1, **settings)
+    config = Settings.load(env={}, upstream_url=upstream_url, ice_addresses="127.0.0.1", workers=1,
+                           calls_per_ip_per_s="100000", **settings)
     runner = web.AppRunner(create_app(config, choose_upstream(config)), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()

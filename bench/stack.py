@@ -161,7 +161,9 @@ class Stack:
         probe_dir.mkdir()
         env = clean_env(PYTHONPATH=f"{PROBE}{os.pathsep}{ROOT}", BENCH_PROBE_DIR=str(probe_dir))
         if kind == "relay":
-            env |= {"RELAY_UPSTREAM_URL": f"{upstream}?model=gpt-realtime", "RELAY_ICE_ADDRESSES": "127.0.0.1"}
+            # Every caller comes from 127.0.0.1 here, standing for many clients: no per-address limit.
+            env |= {"RELAY_UPSTREAM_URL": f"{upstream}?model=gpt-realtime", "RELAY_ICE_ADDRESSES": "127.0.0.1",
+                    "RELAY_CALLS_PER_IP_PER_S": "100000"}
             command = [sys.executable, "-m", "relay", "serve", "--port", "0", "--workers", str(workers),
                        "--log-level", "info"]
             ready, path = r"relay listening on (http://127\.0\.0\.1:\d+)/", "/v1/realtime/calls"

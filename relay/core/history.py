@@ -19,6 +19,10 @@ from typing import Any
 
 from relay.core.call import new_event
 
+# Entries a call holds in memory: ~170 turns (a transcript entry per user turn, reply and usage). A call's
+# memory must not grow with its length (20 calls talking for 30 minutes would hold ~50 MB); the log in
+# RELAY_HISTORY_DIR keeps every entry, and a new upstream session gets the conversation from these.
+MAX_ENTRIES = 500
 MAX_PARTIAL_CHARS = 64 * 1024  # words kept of one reply under way (a reply of 15 minutes is about 15,000 chars)
 USAGE_FIELDS = ("audio_input", "cached_audio_input", "text_input", "cached_text_input", "audio_output", "text_output")
 
@@ -66,8 +70,11 @@ class Usage:
 
 
 class History:
-    def __init__(self, prices: dict[str, float], clock=time.time) -> None:
-        self.entries: list[dict[str, Any]] = []
+    def __init__(self, prices: dict[str, float], clock=time.time, max_entries: int = MAX_ENTRIES) -> None:
+        self.entries: list[dict[str, Any]] = []  # the last max_entries (all of them are in RELAY_HISTORY_DIR's log)
+        self.max_entries = max_entries
+        self.next_seq = 0  # the seq of the next entry: entries[i]["seq"] grows by one, from the first ever
+        self.dropped = 0  # entries no longer held in memory (the oldest)
         self.revision = 0  # changes with every entry added or corrected (a new session's replay may be out of date)
         self.usage = Usage()
         self._prices = prices
@@ -143,7 +150,7 @@ class History:
         return new
 
     def snapshot(self) -> dict[str, Any]:
-        return {"entries": list(self.entries), "usage": self.usage.as_dict()}
+        return {"entries": list(self.entries), "entries_dropped": self.dropped, "usage": self.usage.as_dict()}
 
     @classmethod
     def resuming(cls, earlier: "History", from_call: str, prices: dict[str, float]) -> "History":
@@ -158,13 +165,20 @@ class History:
     def replay_items(self, since: int = 0) -> list[dict[str, Any]]:
         """The conversation as Realtime items, to give a new upstream session: text for speech (the way to carry
         a conversation into a new session), the heard part of interrupted replies, tool calls and outputs.
-        `since`: only the entries from that index on (those added after an earlier replay was taken)."""
-        return [item for item in map(_item_of, self.entries[since:]) if item is not None]
+        `since`: only the entries from that seq on (those added after an earlier replay was taken, next_seq then)."""
+        return [item for item in map(_item_of, (e for e in self.entries if e["seq"] >= since)) if item is not None]
 
     @classmethod
     def from_snapshot(cls, snapshot: dict[str, Any], prices: dict[str, float]) -> "History":
-        """A history as another worker served it (GET …/transcript)."""
-        return cls.from_log(snapshot.get("entries") or [], prices)
+        """A history as another worker served it (GET …/transcript): its usage covers entries it no longer holds."""
+        history = cls.from_log(snapshot.get("entries") or [], prices)
+        usage = _dict(snapshot.get("usage"))
+        if isinstance(usage.get("tokens"), dict):
+            history.usage.responses = _count(usage.get("responses"))
+            history.usage.tokens = {kind: _count(usage["tokens"].get(kind)) for kind in USAGE_FIELDS}
+            history.usage.cost_usd = float(usage.get("cost_usd") or 0.0)
+        history.dropped = _count(snapshot.get("entries_dropped"))
+        return history
 
     @classmethod
     def from_log(cls, lines: list[dict[str, Any]], prices: dict[str, float]) -> "History":
@@ -172,6 +186,7 @@ class History:
         history = cls(prices)
         by_seq = {line["seq"]: line for line in lines if isinstance(line, dict) and isinstance(line.get("seq"), int)}
         history.entries = [by_seq[seq] for seq in sorted(by_seq)]
+        history.next_seq = history.entries[-1]["seq"] + 1 if history.entries else 0
         for entry in history.entries:
             if entry.get("type") == "usage" and isinstance(entry.get("tokens"), dict):
                 history.usage.responses += 1
@@ -183,11 +198,24 @@ class History:
     # --- inside ------------------------------------------------------------------------------------------------
 
     def _add(self, entry: dict[str, Any]) -> dict[str, Any]:
-        entry = {"seq": len(self.entries), "at": round(self._clock(), 3), **entry}
+        entry = {"seq": self.next_seq, "at": round(self._clock(), 3), **entry}
+        self.next_seq += 1
         self.revision += 1
         self.entries.append(entry)
         self._new.append(entry)
+        if len(self.entries) > self.max_entries:
+            self._forget_oldest(len(self.entries) - self.max_entries)
         return entry
+
+    def _forget_oldest(self, count: int) -> None:
+        """A call that talks for hours keeps its last entries only: memory stays bounded (the log keeps all)."""
+        for entry in self.entries[:count]:
+            item_id = entry.get("item_id")
+            if isinstance(item_id, str):
+                for index in (self._by_item, self._users, self._heard):
+                    index.pop(item_id, None)
+        del self.entries[:count]
+        self.dropped += count
 
     def _user_turn(self, item: dict[str, Any]) -> None:
         """A spoken user turn joins the transcript when it begins, so it stays before the reply to it even when

@@ -291,7 +291,7 @@ class Call:
     async def _open_next_session(self) -> tuple[websockets.ClientConnection, list[str], int, int]:
         """A session to take over from the current one, given its configuration and the conversation so far:
         (socket, its first events, history entries it has had, items replayed)."""
-        said = len(self.history.entries)
+        said = self.history.next_seq
         replay = self.history.replay_items()
         ws, events = await self._open_upstream(session_to_replay(self.core.session), replay)
         return ws, events, said, len(replay)

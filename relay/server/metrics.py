@@ -51,6 +51,8 @@ FRAMES_LATE = Counter("relay_outbound_frames_late", "Outbound frames that left m
 FRAMES_DROPPED = Counter("relay_outbound_frames_dropped", "Model audio frames dropped: the playout queue was full")
 LOOP_LAG = Histogram("relay_event_loop_lag_seconds", f"How late the event loop woke from a {LAG_INTERVAL_S} s sleep",
                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+TASKS = Gauge("relay_asyncio_tasks", "asyncio tasks alive in the process (a count that only grows is a leak)",
+              multiprocess_mode="livesum")
 RECEIVED = Counter("relay_received_bytes", "Bytes received: rtp (audio payloads from clients), datachannel "
                    "(client events), upstream (model service events)", ["path"])
 SENT = Counter("relay_sent_bytes", "Bytes sent: rtp (audio payloads to clients), datachannel (events to clients), "
@@ -159,6 +161,7 @@ async def monitor(calls: dict[str, Any]) -> None:
         if ticks % FLUSH_EVERY == 0:
             for call in list(calls.values()):
                 call.flush_metrics()
+            TASKS.set(len(asyncio.all_tasks()))
 
 
 def add_metrics(app: web.Application, serve_route: bool, calls_key: web.AppKey) -> None:

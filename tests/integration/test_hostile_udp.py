@@ -92,6 +92,8 @@ async def test_foreign_datagrams_during_and_after_ice_are_dropped_and_the_call_g
         await asyncio.gather(*flooding, return_exceptions=True)
         await runner.cleanup()
     dropped = ice_data_dropped["foreign"] - before["foreign"]
+    print(f"\nflood: {sent} datagrams sent, {dropped} refused as foreign, largest ICE queue {max(queued)}, "
+          f"RSS {(rss_kib() - rss_before) / 1024:+.1f} MiB")
     assert dropped > sent // 10, (dropped, sent)  # the kernel drops some when its buffer is full; the rest refused
     assert max(queued) <= MAX_QUEUED_DATAGRAMS
     assert rss_kib() - rss_before < 64 * 1024  # 40,000 datagrams of up to 60 kB queued would be gigabytes

@@ -152,3 +152,28 @@ async def test_the_sender_byte_count_and_the_sctp_outbound_queue_are_still_there
     assert "self._outbound_queue: Deque[DataChunk] = deque()" in source  # waiting to be sent
     assert "self._sent_queue: Deque[DataChunk] = deque()" in source  # sent, not yet acknowledged
     assert "schunk = self._sent_queue.popleft()" in inspect.getsource(RTCSctpTransport._receive_sack_chunk)
+
+
+async def test_aioice_takes_media_only_from_checked_peers_and_queues_a_bounded_amount():
+    from aioice.candidate import Candidate
+
+    aiortc_internals.guard_ice_data()
+    connection = aioice.ice.Connection(ice_controlling=False)
+    protocol = aioice.ice.StunProtocol(connection)
+    protocol.local_candidate = Candidate("1", 1, "udp", 1, "127.0.0.1", 5000, "host")
+    peer = Candidate("2", 1, "udp", 1, "127.0.0.1", 6000, "host")
+    dropped = dict(aiortc_internals.ice_data_dropped)
+    rtp = bytes([0x80, 0x6F]) + bytes(100)
+    protocol.datagram_received(rtp, ("127.0.0.1", 6000))  # no check has proven that address yet
+    assert connection._queue.qsize() == 0
+    assert aiortc_internals.ice_data_dropped["foreign"] == dropped["foreign"] + 1
+    connection._check_list.append(aioice.ice.CandidatePair(protocol, peer))
+    protocol.datagram_received(rtp, ("127.0.0.1", 6000))
+    protocol.datagram_received(bytes([0x16, 0xFE, 0xFD]) + bytes(20), ("127.0.0.1", 6000))  # DTLS: also media
+    protocol.datagram_received(rtp, ("127.0.0.1", 6001))  # another port of the same host: foreign
+    assert connection._queue.qsize() == 2
+    for _ in range(aiortc_internals.MAX_QUEUED_DATAGRAMS + 10):
+        protocol.datagram_received(rtp, ("127.0.0.1", 6000))
+    assert connection._queue.qsize() == aiortc_internals.MAX_QUEUED_DATAGRAMS
+    assert aiortc_internals.ice_data_dropped["overflow"] >= dropped["overflow"] + 12
+    await connection.close()

@@ -102,3 +102,20 @@ def test_a_spoken_turn_keeps_its_place_before_the_reply_when_its_transcription_c
     h.on_server_event({"type": "conversation.item.added", "item": {
         "id": "item_t", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "typed"}]}})
     assert len(h.entries) == 2
+
+
+def test_a_long_call_holds_its_last_entries_only_and_counts_all_its_usage():
+    history = History({"audio_output": 64.0}, max_entries=10)
+    for turn in range(30):
+        history.on_server_event({"type": "response.output_audio_transcript.done", "item_id": f"item_{turn}",
+                                 "transcript": f"reply {turn}"})
+        history.on_truncated(f"item_{turn}", 100, 200)
+        history.on_server_event({"type": "response.done", "response": {
+            "id": f"resp_{turn}", "usage": {"output_token_details": {"audio_tokens": 10}}}})
+    assert len(history.entries) == 10 and history.dropped == 50 and history.next_seq == 60
+    assert [e["seq"] for e in history.entries] == list(range(50, 60))
+    assert len(history._by_item) <= 10 and len(history._heard) <= 10  # the indexes are pruned with the entries
+    assert history.usage.responses == 30 and history.usage.tokens["audio_output"] == 300
+    assert [i["content"][0]["text"] for i in history.replay_items(since=58)] == ["reply"]  # half of it heard
+    again = History.from_snapshot(history.snapshot(), {"audio_output": 64.0})
+    assert again.usage.responses == 30 and again.dropped == 50 and again.next_seq == 60
