@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from relay.core.policy import EventPolicy
+from relay.core.policy import EventPolicy, named
 from relay.protocol import ProtocolError, client_event_envelope, event_id_of, new_id
 
 FRAME_MS = 20
@@ -223,17 +223,17 @@ class CallCore:
         calls = [
             (item["call_id"], item["name"], item.get("arguments") if isinstance(item.get("arguments"), str) else "")
             for item in function_calls
-            if _named(item, names) and isinstance(item.get("call_id"), str)
+            if named(item, names) and isinstance(item.get("call_id"), str)
             and item.get("status", "completed") == "completed"
         ]
-        clients_too = any(not _named(item, names) for item in function_calls)
+        clients_too = any(not named(item, names) for item in function_calls)
         return [RunTools(calls, respond=not clients_too)] if calls else []
 
     def _note_server_tool_call(self, item: Any) -> None:
         """A call to one of the relay's tools, seen as soon as the model makes it: only the relay answers it (a
         client's output for it would be forged)."""
         if isinstance(item, dict) and item.get("type") == "function_call" and isinstance(item.get("call_id"), str) \
-                and _named(item, self.policy.server_tools):
+                and named(item, self.policy.server_tools):
             self.policy.server_tool_called(item["call_id"])
 
     def tool_outputs(self, outputs: list[tuple[str, str]], respond: bool = True) -> list[Action]:
@@ -454,15 +454,9 @@ def with_tools(session_tools: Any, own: list[dict[str, Any]]) -> list[Any]:
     """A session's tools with the relay's own added; where a name clashes, the relay's definition stays (the relay
     runs the calls to that name)."""
     names = {t["name"] for t in own}
-    kept = [t for t in session_tools if not (isinstance(t, dict) and _named(t, names))] \
+    kept = [t for t in session_tools if not (isinstance(t, dict) and named(t, names))] \
         if isinstance(session_tools, list) else []
     return kept + own
-
-
-def _named(item: dict[str, Any], names: set[str]) -> bool:
-    """Does the item (a tool, a function call) carry one of `names`? (A name that is not a string never does.)"""
-    name = item.get("name")
-    return isinstance(name, str) and name in names
 
 
 def _path(container: dict[str, Any], *keys: str) -> dict[str, Any]:

@@ -89,10 +89,10 @@ class EventPolicy:
         if "role" in item and item["role"] not in CLIENT_ROLES and not self.may_change("instructions"):
             return Refusal("item_not_allowed", "System messages are set by the operator of this relay; the client "
                            "may add user (and assistant) messages only.", f"{where}.role")
-        if kind == "function_call" and _hashable(item.get("name")) in self.server_tools:
+        if kind == "function_call" and named(item, self.server_tools):
             return Refusal("item_not_allowed", f"'{item['name']}' is a tool the relay runs itself: only the model "
                            "calls it.", f"{where}.name")
-        if kind == "function_call_output" and _hashable(item.get("call_id")) in self._server_call_ids:
+        if kind == "function_call_output" and item.get("call_id") in self._server_call_ids:  # a deque: no hashing
             return Refusal("item_not_allowed", "That call is answered by the relay's own tool, not by the client.",
                            f"{where}.call_id")
         return None
@@ -110,9 +110,10 @@ _UNSET = object()
 CLIENT_ROLES = ("user", "assistant")  # the message roles a client may add (system is the operator's)
 
 
-def _hashable(value: Any) -> Any:
-    """A JSON value as a set or dict key: lists and objects (never a tool's name or a call id) become None."""
-    return value if isinstance(value, (str, int, float, bool)) or value is None else None
+def named(item: dict[str, Any], names: set[str]) -> bool:
+    """Does the item (a tool, a function call) carry one of `names`? (A name that is not a string never does.)"""
+    name = item.get("name")
+    return isinstance(name, str) and name in names
 
 
 def starting_session(operator: dict[str, Any], offered: dict[str, Any] | None, token: dict[str, Any] | None,

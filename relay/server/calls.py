@@ -70,7 +70,7 @@ class SignalingError(Exception):
 
 class Call:
     def __init__(self, settings: Settings, target: UpstreamTarget, on_closed: Callable[["Call"], None],
-                 call_id: str | None = None, toolbox: Toolbox | None = None, locked: dict[str, Any] | None = None,
+                 call_id: str | None = None, toolbox: Toolbox | None = None, policy: EventPolicy | None = None,
                  token_nonce: str | None = None) -> None:
         self.id = call_id or new_id("rtc")
         self.settings = settings
@@ -79,7 +79,7 @@ class Call:
         self.toolbox = toolbox or Toolbox([])
         self.token_nonce = token_nonce  # the client secret it was created with: good for ending it
         self.core = CallCore(interruptions=settings.interruptions, server_tools=self.toolbox.definitions(),
-                             policy=call_policy(settings, self.toolbox, locked))
+                             policy=policy or call_policy(settings, self.toolbox, None))
         self.history = History(settings.prices)
         self._history_log = Path(settings.history_dir) / f"{self.id}.jsonl" if settings.history_dir else None
         self.recording = StereoTimeline(time.monotonic()) if settings.recordings_dir else None
@@ -867,12 +867,12 @@ async def _create_call(request: web.Request, settings: Settings, calls: dict[str
                               "resumed (transcripts outlive a call in memory for the last calls only; set "
                               "RELAY_HISTORY_DIR to keep them).", param="resume")
     locked = request.get(TOKEN_SESSION)  # a client secret's session: its fields win, and stay
-    session = starting_session(settings.session, session, locked, call_policy(settings, request.app[TOOLBOX], locked),
-                               trusted=bool(request.get(BACKEND)))
+    policy = call_policy(settings, request.app[TOOLBOX], locked)
+    session = starting_session(settings.session, session, locked, policy, trusted=bool(request.get(BACKEND)))
     if isinstance(session, Refusal):
         return error_response(400, session.code, session.message, param=session.param)
     call = Call(settings, request.app[TARGET], on_closed=lambda c: _ended(request.app, c), call_id=call_id,
-                toolbox=request.app[TOOLBOX], locked=locked, token_nonce=request.get(TOKEN_NONCE))
+                toolbox=request.app[TOOLBOX], policy=policy, token_nonce=request.get(TOKEN_NONCE))
     if earlier is not None:
         call.history = History.resuming(earlier, resume, settings.prices)
     try:

@@ -82,6 +82,16 @@ async def exits_cleanly(relay: LoggedRelay, timeout: float = 30) -> None:
 # --- readiness and drain ----------------------------------------------------------------------------------------
 
 
+async def still_answers(call) -> int:
+    """A typed turn gets its reply (response.done); the index of the events from which it was waited for."""
+    start = len(call.events)
+    call.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Still there?"}]}})
+    call.send({"type": "response.create"})
+    await call.wait_for("response.done", after=start, timeout=20)
+    return start
+
+
 async def test_a_drain_keeps_live_calls_refuses_new_ones_and_ends_with_the_last_call(simulator):
     async with relay_logged("--workers", "1", env=relay_env(simulator, drain_timeout_s="600")) as relay, \
             aiohttp.ClientSession() as http:
@@ -99,11 +109,7 @@ async def test_a_drain_keeps_live_calls_refuses_new_ones_and_ends_with_the_last_
                 assert int(response.headers["Retry-After"]) > 0
                 assert (await response.json())["error"]["code"] == "shutting_down"
             # The live call goes on: its events are answered, the model's audio still plays.
-            start = len(call.events)
-            call.send({"type": "conversation.item.create", "item": {
-                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Still there?"}]}})
-            call.send({"type": "response.create"})
-            await call.wait_for("response.done", after=start, timeout=20)
+            start = await still_answers(call)
             await call.wait_for("output_audio_buffer.stopped", after=start, timeout=20)
             assert relay.process.returncode is None
             await hang_up(http, relay.base, call)
@@ -171,11 +177,7 @@ async def test_a_sigterm_to_the_whole_process_group_drains_and_does_not_hurry(si
             await call.wait_for("session.created")
             os.killpg(relay.process.pid, signal.SIGTERM)  # the relay's own group: the master and its workers only
             await until_draining(http, relay, in_a_row=6, workers=2)
-            start = len(call.events)
-            call.send({"type": "conversation.item.create", "item": {
-                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Still there?"}]}})
-            call.send({"type": "response.create"})
-            await call.wait_for("response.done", after=start, timeout=20)
+            await still_answers(call)
             assert relay.process.returncode is None and "relay.shutdown" not in call.types()
             await hang_up(http, relay.base, call)
         finally:
