@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from relay.core.policy import DEFAULT_CLIENT_FIELDS
+from relay.protocol.session import MODEL_NAME, REALTIME_MODELS
 
 ENV_NAMES = {"openai_api_key": "OPENAI_API_KEY"}
 # turn:HOST[:PORT][?transport=udp|tcp] and turns:… (RFC 7065); an IPv6 host in brackets
@@ -63,7 +64,15 @@ class Settings(BaseModel):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
     openai_api_key: SecretStr | None = Field(None, description="use the OpenAI Realtime API with this key")
-    model: str = Field("gpt-realtime", min_length=1, description="model requested from OpenAI")
+    model: str = Field(
+        "gpt-realtime", min_length=1, description="model of the calls whose client asks for none (OpenAI's and the "
+        "simulator's URL; a RELAY_UPSTREAM_URL keeps its own model parameter for them)",
+    )
+    models: list[str] = Field(
+        default_factory=lambda: list(REALTIME_MODELS),
+        description="comma-separated models a client may ask for (session.model of an offer or a client secret), "
+        "besides RELAY_MODEL; * for any name (default: the realtime models of OpenAI's API)",
+    )
     upstream_url: str | None = Field(
         None, description="any Realtime-compatible WebSocket URL, used as given (wins over OPENAI_API_KEY)"
     )
@@ -88,7 +97,11 @@ class Settings(BaseModel):
         "(default: a random one per start: tokens do not outlive a restart)",
     )
     client_secret_ttl_s: int = Field(
-        60, ge=10, le=7200, description="how long a client secret is valid when the request does not say",
+        600, ge=10, le=7200, description="how long a client secret is valid when the request does not say",
+    )
+    client_secret_single_use: bool = Field(
+        False, description="a client secret creates one call only (OpenAI's create any number until they expire); "
+        "its use is remembered by the relay process that minted it, so it must be used there",
     )
     allowed_origins: list[str] = Field(
         default_factory=list,
@@ -161,7 +174,11 @@ class Settings(BaseModel):
     )
     calls_per_ip_per_s: float = Field(
         2.0, gt=0, description="call creations one client IP may make per second, on average, bursts of 5 allowed "
-        "(beyond it: 429 with Retry-After)",
+        "(beyond it: 429 with Retry-After); callers without an API key (client secrets, open access)",
+    )
+    calls_per_key_per_s: float = Field(
+        50.0, gt=0, description="call creations one API key may make per second, on average, bursts of 100 "
+        "allowed (beyond it: 429 with Retry-After): a backend posting its users' offers",
     )
     trusted_proxies: list[str] = Field(
         default_factory=list,
@@ -219,7 +236,7 @@ class Settings(BaseModel):
         return value
 
     @field_validator("ice_addresses", "tools", "api_keys", "allowed_origins", "client_session_fields", "turn_urls",
-                     "trusted_proxies",
+                     "trusted_proxies", "models",
                      mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
@@ -252,6 +269,14 @@ class Settings(BaseModel):
         for name in value:
             if name != "*" and not re.fullmatch(r"[a-z][a-z0-9_]*", name):
                 raise ValueError(f"{name!r} is not a session field name (or *)")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name != "*" and not MODEL_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a model name (or *)")
         return value
 
     @field_validator("session", mode="before")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from relay.core.policy import EventPolicy, named
+from relay.core.policy import EventPolicy, kept_message, named
 from relay.protocol import ProtocolError, client_event_envelope, event_id_of, new_id
 
 FRAME_MS = 20
@@ -86,6 +86,7 @@ class CallStats:
     deletions: int = 0
     client_errors: int = 0
     policy_refusals: int = 0  # client events the event policy refused (also counted in client_errors)
+    fields_kept: int = 0  # client events (and offered sessions) whose locked fields were kept, the rest applied
 
 
 def _response_id(event: dict[str, Any]) -> str | None:
@@ -410,18 +411,28 @@ class CallCore:
             )))], None
         if kind == "output_audio_buffer.clear":
             return self.flush(), None
-        refusal = self.policy.check(event, self.session)
+        refusal = self.policy.check(event)
         if refusal is not None:
             self.stats.client_errors += 1
             self.stats.policy_refusals += 1
             return [ToClient(_error_event(ProtocolError(
                 refusal.code, refusal.message, refusal.param, event_id_of(event))))], None
-        if kind == "session.update" and self._adapt_session(event.get("session")):
-            return [], json.dumps(event, separators=(",", ":"))
+        kept = self.policy.keep_locked(event, self.session)
+        actions = [ToClient(self.fields_kept(kept, event_id_of(event)))] if kept else []
+        changed = bool(kept)
+        if kind == "session.update":
+            changed |= self._adapt_session(event.get("session"))
         response = event.get("response")
-        if kind == "response.create" and isinstance(response, dict) and _force_formats(response):
-            return [], json.dumps(event, separators=(",", ":"))
-        return [], text
+        if kind == "response.create" and isinstance(response, dict):
+            changed |= _force_formats(response)
+        return actions, (json.dumps(event, separators=(",", ":")) if changed else text)
+
+    def fields_kept(self, params: list[str], client_event_id: str | None) -> dict[str, Any]:
+        """The client's `relay.policy.fields_kept`: the locked values its event (or its offer's session) would
+        have changed, which stayed as they were while the rest was applied."""
+        self.stats.fields_kept += 1
+        return new_event("relay.policy.fields_kept", client_event_id=client_event_id, params=params,
+                         message=kept_message(params))
 
     def _adapt_session(self, session: Any) -> bool:
         """The fields the relay controls in a session.update; True when it changed something."""

@@ -2,16 +2,18 @@
 
 - Backends authenticate with a key of `RELAY_API_KEYS`, sent as `Authorization: Bearer <key>`.
 - A backend mints a client secret (`POST /v1/realtime/client_secrets`, OpenAI's shape) for one app or browser: an
-  `ek_…` token, signed, valid for a short time and for one call, optionally carrying a session configuration that
-  call starts with and its client cannot change.
+  `ek_…` token valid for a while (default 600 s) and, as OpenAI's, for any number of calls until then, optionally
+  carrying a session configuration those calls start with and their client cannot change.
 - Browsers: a request carrying an `Origin` must come from the relay's own page or an origin of
   `RELAY_ALLOWED_ORIGINS`.
 
 With no key configured the relay is open; it starts that way only on loopback, or with `--insecure`.
 
-Tokens are `ek_<payload>.<signature>`: the payload (base64url JSON) names the worker that minted it, a nonce and
-the expiry; the signature is HMAC-SHA256 with the relay's token secret (shared by its workers). The minting worker
-keeps the token's session and whether it was used, so a call with a token is created by that worker.
+Tokens are `ek_<base64url(iv + AES-GCM(zlib(JSON claims)))>`, sealed with a key derived from the token secret: the
+claims (expiry, nonce, minting worker, session) travel inside the token, unreadable to its holder (a session's
+instructions are the operator's) and unforgeable, so any relay process sharing `RELAY_TOKEN_SECRET` accepts it
+without asking anyone. Only `RELAY_CLIENT_SECRET_SINGLE_USE` needs memory: then the minting worker keeps the
+nonces not used yet, and a call with such a token is created by that worker.
 """
 
 from __future__ import annotations
@@ -21,20 +23,31 @@ import binascii
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from relay.config import Settings
+from relay.core.call import with_tools
+from relay.core.policy import call_model
+from relay.protocol import new_id
+from relay.protocol.session import filled_in, merge
 from relay.server.errors import error_response
 from relay.server.workers import FORWARDED, Worker, forward
 
 TOKEN_PREFIX = "ek_"
 MIN_TTL_S, MAX_TTL_S = 10, 7200  # OpenAI's bounds for expires_after.seconds
-MAX_UNUSED_TOKENS = 100_000  # minted and not yet used or expired; beyond it minting is refused (429)
+MAX_UNUSED_TOKENS = 100_000  # single-use tokens minted and not yet used or expired; beyond it minting is refused
+# A token goes in a header: within 8 KiB (aiohttp's, nginx's default limit for one header line) with room to spare.
+MAX_TOKEN_CHARS = 7000
+_AAD = b"relay ek v1"  # binds a sealed token to this format
 
 
 class TokenError(Exception):
@@ -46,6 +59,7 @@ class Claims:
     worker: int
     nonce: str
     expires_at: int
+    session: dict[str, Any] | None = None
 
 
 def _b64(data: bytes) -> str:
@@ -62,53 +76,60 @@ class Tokens:
 
     secret: bytes
     worker: int = 0
-    _unused: dict[str, tuple[int, dict[str, Any] | None]] = field(default_factory=dict)  # nonce -> (expiry, session)
+    single_use: bool = False
+    _unused: dict[str, int] = field(default_factory=dict)  # single use: nonce -> expiry, of tokens not yet used
+
+    def __post_init__(self) -> None:
+        self._aead = AESGCM(hmac.new(self.secret, b"relay client secrets", hashlib.sha256).digest())
 
     def mint(self, session: dict[str, Any] | None, ttl_s: int, now: float) -> tuple[str, int]:
         """A new token and its expiry (unix seconds)."""
-        self._forget_expired(now)
-        if len(self._unused) >= MAX_UNUSED_TOKENS:
-            raise TokenError("Too many client secrets are outstanding; try again later.")
+        if self.single_use:
+            self._forget_expired(now)
+            if len(self._unused) >= MAX_UNUSED_TOKENS:
+                raise TokenError("Too many client secrets are outstanding; try again later.")
         nonce = secrets.token_urlsafe(12)
         expires_at = int(now + ttl_s)
-        payload = _b64(json.dumps({"w": self.worker, "n": nonce, "exp": expires_at}, separators=(",", ":")).encode())
-        self._unused[nonce] = (expires_at, session)
-        return f"{TOKEN_PREFIX}{payload}.{self._sign(payload)}", expires_at
+        claims = json.dumps({"w": self.worker, "n": nonce, "exp": expires_at, "s": session}, separators=(",", ":"))
+        iv = os.urandom(12)
+        token = TOKEN_PREFIX + _b64(iv + self._aead.encrypt(iv, zlib.compress(claims.encode()), _AAD))
+        if len(token) > MAX_TOKEN_CHARS:
+            raise ValueError(f"the session makes a client secret longer than {MAX_TOKEN_CHARS} characters (it "
+                             "travels in a header); put what every call shares in RELAY_SESSION")
+        if self.single_use:
+            self._unused[nonce] = expires_at
+        return token, expires_at
 
     def check(self, token: str, now: float) -> Claims:
-        """The claims of a token this relay signed and that has not expired (any worker can check this)."""
+        """The claims of a token this relay's secret sealed and that has not expired (any worker can check this)."""
         try:
-            payload, signature = token.removeprefix(TOKEN_PREFIX).split(".")
-            if not hmac.compare_digest(signature, self._sign(payload)):
-                raise TokenError("The client secret is not valid.")
-            claims = json.loads(_unb64(payload))
-            result = Claims(int(claims["w"]), str(claims["n"]), int(claims["exp"]))
-        except (ValueError, KeyError, TypeError, binascii.Error):
+            sealed = _unb64(token.removeprefix(TOKEN_PREFIX))
+            claims = json.loads(zlib.decompress(self._aead.decrypt(sealed[:12], sealed[12:], _AAD)))
+            session = claims["s"]
+            result = Claims(int(claims["w"]), str(claims["n"]), int(claims["exp"]),
+                            session if isinstance(session, dict) else None)
+        except (ValueError, KeyError, TypeError, binascii.Error, InvalidTag, zlib.error):
             raise TokenError("The client secret is not valid.") from None
         if now >= result.expires_at:
             raise TokenError("The client secret has expired.")
         return result
 
     def signed_nonce(self, token: str) -> str | None:
-        """The nonce of a token this relay signed, expired or not (a call outlives its token); None otherwise."""
+        """The nonce of a token this relay sealed, expired or not (a call outlives its token); None otherwise."""
         try:
             return self.check(token, now=float("-inf")).nonce
         except TokenError:
             return None
 
-    def redeem(self, claims: Claims, now: float) -> dict[str, Any] | None:
-        """Use the token (by the worker that minted it): its session; a second use is refused."""
-        entry = self._unused.pop(claims.nonce, None)
-        if entry is None or now >= entry[0]:
+    def redeem(self, claims: Claims, now: float) -> None:
+        """Single use: use the token (by the worker that minted it); a second use is refused."""
+        expiry = self._unused.pop(claims.nonce, None)
+        if expiry is None or now >= expiry:
             raise TokenError("The client secret has already been used.")
-        return entry[1]
-
-    def _sign(self, payload: str) -> str:
-        return _b64(hmac.new(self.secret, payload.encode(), hashlib.sha256).digest())
 
     def _forget_expired(self, now: float) -> None:
         if len(self._unused) >= 1000:
-            for nonce in [n for n, (expiry, _) in self._unused.items() if now >= expiry]:
+            for nonce in [n for n, expiry in self._unused.items() if now >= expiry]:
                 del self._unused[nonce]
 
 
@@ -119,10 +140,16 @@ def bearer(authorization: str | None) -> str | None:
 
 
 def is_api_key(presented: str, keys: list[str]) -> bool:
-    """Compared in constant time, against every key (the time taken does not say which one nearly matched)."""
-    found = False
-    for key in keys:
-        found |= hmac.compare_digest(presented.encode(), key.encode())
+    return api_key_index(presented, keys) is not None
+
+
+def api_key_index(presented: str, keys: list[str]) -> int | None:
+    """Which key was presented, compared in constant time against every key (the time taken does not say which
+    one nearly matched)."""
+    found = None
+    for index, key in enumerate(keys):
+        if hmac.compare_digest(presented.encode(), key.encode()):
+            found = index
     return found
 
 
@@ -148,11 +175,15 @@ TOKENS: web.AppKey[Tokens] = web.AppKey("tokens")
 _RequestKey = getattr(web, "RequestKey", None)
 TOKEN_SESSION: Any = _RequestKey("token_session", object) if _RequestKey else "relay.token_session"
 TOKEN_NONCE: Any = _RequestKey("token_nonce", object) if _RequestKey else "relay.token_nonce"
-BACKEND: Any = _RequestKey("backend", object) if _RequestKey else "relay.backend"  # True: an API key was shown
+# Set when an API key was shown: which one ("key0", "key1"…, for its call-rate allowance).
+BACKEND: Any = _RequestKey("backend", object) if _RequestKey else "relay.backend"
 API_PREFIX = "/v1/realtime/"
-CORS_HEADERS = {"Access-Control-Allow-Methods": "GET, POST, DELETE",
-                "Access-Control-Allow-Headers": "Authorization, Content-Type",
-                "Access-Control-Expose-Headers": "Location", "Access-Control-Max-Age": "600", "Vary": "Origin"}
+# Every answer to an allowed origin: what the SDKs read (the call's Location) is exposed.
+CORS_HEADERS = {"Access-Control-Expose-Headers": "Location", "Vary": "Origin"}
+# A preflight's answer also allows the methods, and whatever headers the browser says the request carries (OpenAI's
+# JavaScript SDK adds its own, X-OpenAI-Agents-SDK; others will come): the origin is what is checked, not headers.
+PREFLIGHT_HEADERS = {"Access-Control-Allow-Methods": "GET, POST, DELETE", "Access-Control-Max-Age": "600",
+                     "Vary": "Origin, Access-Control-Request-Headers"}
 
 
 def refusal(status: int, code: str, message: str) -> web.Response:
@@ -178,12 +209,18 @@ def auth_middleware(settings: Settings, worker: Worker, calls_key: web.AppKey):
         cors = {"Access-Control-Allow-Origin": request.headers["Origin"], **CORS_HEADERS} \
             if "Origin" in request.headers else {}
         if request.method == "OPTIONS":
-            return web.Response(status=204, headers=cors)
+            return web.Response(status=204, headers=cors and _preflight(cors, request))
         response = await _authorised(request, handler, keys, worker, calls_key)
         response.headers.update(cors)
         return response
 
     return authenticate
+
+
+def _preflight(cors: dict[str, str], request: web.Request) -> dict[str, str]:
+    asked = request.headers.get("Access-Control-Request-Headers", "").strip()
+    allowed = {"Access-Control-Allow-Headers": asked} if asked else {}
+    return {**cors, **PREFLIGHT_HEADERS, **allowed}
 
 
 async def _authorised(request: web.Request, handler, keys: list[str], worker: Worker, calls_key: web.AppKey):
@@ -195,8 +232,9 @@ async def _authorised(request: web.Request, handler, keys: list[str], worker: Wo
         return await handler(request)  # open access; /relay/ (client config) is for any client
     if presented is None:
         return refusal(401, "missing_api_key", "Send an API key (or a client secret) as 'Authorization: Bearer'.")
-    if is_api_key(presented, keys):
-        request[BACKEND] = True  # trusted to set the whole session of the calls it creates
+    index = api_key_index(presented, keys)
+    if index is not None:
+        request[BACKEND] = f"key{index}"  # trusted to set the whole session of the calls it creates
         return await handler(request)
     if presented.startswith(TOKEN_PREFIX):
         return await _token_on_its_call(request, handler, presented, calls_key)
@@ -211,14 +249,16 @@ async def _with_token(request: web.Request, handler, token: str, worker: Worker,
         return refusal(401, "invalid_client_secret", str(exc))
     if not creating:
         return await handler(request)  # open access: a token is as good as nothing
-    if claims.worker != worker.index:
-        if claims.worker >= worker.count or FORWARDED in request.headers:
-            return refusal(401, "invalid_client_secret", "The client secret is not valid.")
-        return await forward(request, worker, claims.worker)  # its minter knows whether it was used
-    try:
-        request[TOKEN_SESSION] = tokens.redeem(claims, time.time())
-    except TokenError as exc:
-        return refusal(401, "invalid_client_secret", str(exc))
+    if tokens.single_use:
+        if claims.worker != worker.index:
+            if claims.worker >= worker.count or FORWARDED in request.headers:
+                return refusal(401, "invalid_client_secret", "The client secret is not valid.")
+            return await forward(request, worker, claims.worker)  # its minter knows whether it was used
+        try:
+            tokens.redeem(claims, time.time())
+        except TokenError as exc:
+            return refusal(401, "invalid_client_secret", str(exc))
+    request[TOKEN_SESSION] = claims.session
     request[TOKEN_NONCE] = claims.nonce
     return await handler(request)
 
@@ -255,8 +295,9 @@ def may_call(request: web.Request) -> bool:
 
 async def client_secrets(request: web.Request) -> web.Response:
     """`POST /v1/realtime/client_secrets` `{"expires_after": {"anchor": "created_at", "seconds": N}, "session":
-    {…}}` -> `{"value": "ek_…", "expires_at": …, "session": {…}}`, as OpenAI's. The session's top-level fields are
-    the call's and its client cannot change them."""
+    {…}}` -> `{"value": "ek_…", "expires_at": …, "session": {the effective session}}`, as OpenAI's. The session's
+    settings are its calls' and their clients cannot change them (see relay.core.policy)."""
+    settings = request.app[SETTINGS_KEY]
     try:
         body = await request.json() if request.can_read_body else {}
     except ValueError:
@@ -264,26 +305,44 @@ async def client_secrets(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         return error_response(400, "invalid_type", "The body must be a JSON object.")
     try:
-        ttl = ttl_of(body, request.app[SETTINGS_KEY].client_secret_ttl_s)
+        ttl = ttl_of(body, settings.client_secret_ttl_s)
     except ValueError as exc:
         return error_response(400, "invalid_value", str(exc), param="expires_after")
     session = body.get("session")
     if session is not None and not isinstance(session, dict):
         return error_response(400, "invalid_type", "'session' must be a JSON object.", param="session")
+    if session is not None and session.get("type", "realtime") != "realtime":
+        return error_response(400, "invalid_value", "This relay makes realtime sessions only ('type': "
+                              "'realtime'); transcription sessions are not supported.", param="session.type")
+    model = call_model(None, session, [*settings.models, settings.model])
+    if not isinstance(model, (str, type(None))):
+        return error_response(400, model.code, model.message, param=model.param)
     try:
         value, expires_at = request.app[TOKENS].mint(session, ttl, time.time())
     except TokenError as exc:
         return error_response(429, "too_many_client_secrets", str(exc), "rate_limit_error")
-    return web.json_response({"value": value, "expires_at": expires_at, "session": session or {}})
+    except ValueError as exc:
+        return error_response(400, "session_too_large", str(exc), param="session")
+    effective = filled_in(merge(settings.session, session or {}), model or request.app[DEFAULT_MODEL])
+    tools = request.app[SERVER_TOOLS]
+    effective.update(id=new_id("sess"), expires_at=expires_at,
+                     **({"tools": with_tools(effective["tools"], tools)} if tools else {}))
+    return web.json_response({"value": value, "expires_at": expires_at, "session": effective})
 
 
 SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("auth_settings")
+DEFAULT_MODEL: web.AppKey[str] = web.AppKey("default_model")  # the model of calls that ask for none
+SERVER_TOOLS: web.AppKey[list[dict[str, Any]]] = web.AppKey("server_tools")  # added to every call's tools
 
 
-def add_auth(app: web.Application, settings: Settings, worker: Worker, calls_key: web.AppKey) -> None:
-    """Install the checks in front of every other middleware, and the client_secrets route."""
+def add_auth(app: web.Application, settings: Settings, worker: Worker, calls_key: web.AppKey,
+             default_model: str, server_tools: list[dict[str, Any]]) -> None:
+    """Install the checks in front of every other middleware, and the client_secrets route. `default_model` and
+    `server_tools` (the relay's own) are part of the effective session a client secret reports."""
     secret = settings.token_secret.get_secret_value().encode() if settings.token_secret else secrets.token_bytes(32)
-    app[TOKENS] = Tokens(secret, worker.index)
+    app[TOKENS] = Tokens(secret, worker.index, single_use=settings.client_secret_single_use)
     app[SETTINGS_KEY] = settings
+    app[DEFAULT_MODEL] = default_model
+    app[SERVER_TOOLS] = server_tools
     app.middlewares.insert(0, auth_middleware(settings, worker, calls_key))
     app.router.add_post("/v1/realtime/client_secrets", client_secrets)

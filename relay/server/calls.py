@@ -35,7 +35,7 @@ from relay.core.history import History
 from relay.core.reconnect import backoff_delays, is_fatal, rollover_at, session_to_replay, still_to_send
 from relay.core.recording import RATE as RECORDING_RATE, StereoTimeline
 from relay.tools import ToolContext, Toolbox
-from relay.core.policy import EventPolicy, Refusal, starting_session
+from relay.core.policy import EventPolicy, Refusal, call_model, starting_session
 from relay.server.auth import BACKEND, TOKEN_NONCE, TOKEN_SESSION
 from relay.server.errors import error_response
 from relay.server.limits import Networks, RateLimiter, client_address, networks, rate_key, retry_after
@@ -214,6 +214,10 @@ class Call:
         except Exception:
             log.exception("call %s: failed on a client message", self.id, extra={"call_id": self.id})
             self._to_client(error_event("server_error", "The relay failed on this event.", "server_error"))
+
+    def tell_client(self, event: dict[str, Any]) -> None:
+        """An event for the client, from outside the call (held until the data channel opens)."""
+        self._to_client(event)
 
     def _to_client(self, event: dict[str, Any]) -> None:
         self._to_client_text(json.dumps(event, separators=(",", ":")))
@@ -665,6 +669,7 @@ class Call:
         stats = self.core.stats
         return {
             "barge_ins": stats.barge_ins, "truncations": stats.truncations, "policy_refusals": stats.policy_refusals,
+            "fields_kept": stats.fields_kept,
             "reconnects": self.reconnects, "rollovers": self.rollovers,
             "frames": self.track.frames_sent, "frames_late": self.track.late_frames,
             "frames_dropped": stats.frames_dropped,
@@ -743,7 +748,9 @@ TOOLBOX: web.AppKey[Toolbox] = web.AppKey("toolbox")
 CALL_ID = re.compile(r"rtc_[A-Za-z0-9]{1,64}")
 WORKER: web.AppKey[Worker] = web.AppKey("worker")
 STARTING: web.AppKey[set[str]] = web.AppKey("starting")  # calls being set up: they count against the limit
-LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter")
+LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter")  # per client address, for callers without an API key
+KEY_LIMITER: web.AppKey[RateLimiter] = web.AppKey("key_limiter")  # per API key
+KEY_BURST = 100.0  # call creations an API key may make at once before its per-second rate applies
 PROXIES: web.AppKey[Networks] = web.AppKey("proxies")
 RETRY_AFTER_FULL_S = "2"  # a new call refused at capacity: long enough for a call to end, short for a user
 RETRY_AFTER_SHUTDOWN_S = "1"  # a new call refused while draining: the load balancer sends the retry elsewhere
@@ -839,15 +846,22 @@ async def create_call(request: web.Request) -> web.Response:
 
 
 def _over_limits(request: web.Request) -> web.Response | None:
-    """429 when this client creates calls too fast, 503 when the relay carries all the calls it may."""
+    """429 when this caller creates calls too fast (a backend by its API key, anyone else by address), 503 when
+    the relay carries all the calls it may."""
     app = request.app
-    # Every X-Forwarded-For line: a proxy may append its own line after one the client wrote.
-    forwarded_for = ",".join(request.headers.getall("X-Forwarded-For", ()))
-    client = rate_key(client_address(peer_address(request), forwarded_for, app[PROXIES]))
-    wait = app[LIMITER].take(client, time.monotonic())
+    key = request.get(BACKEND)
+    if key is None:
+        # Every X-Forwarded-For line: a proxy may append its own line after one the client wrote.
+        forwarded_for = ",".join(request.headers.getall("X-Forwarded-For", ()))
+        limiter, who = app[LIMITER], rate_key(client_address(peer_address(request), forwarded_for, app[PROXIES]))
+    else:
+        limiter, who = app[KEY_LIMITER], key
+    wait = limiter.take(who, time.monotonic())
     if wait:
-        return error_response(429, "rate_limit_exceeded", "Too many calls from this address; try again later "
-                              "(RELAY_CALLS_PER_IP_PER_S).", "rate_limit_error", headers={"Retry-After": retry_after(wait)})
+        source = "address; try again later (RELAY_CALLS_PER_IP_PER_S)" if key is None else \
+            "API key; try again later (RELAY_CALLS_PER_KEY_PER_S)"
+        return error_response(429, "rate_limit_exceeded", f"Too many calls from this {source}.", "rate_limit_error",
+                              headers={"Retry-After": retry_after(wait)})
     if call_capacity(app).full:
         return error_response(503, "too_many_calls", "The relay carries all the calls it can; try again shortly "
                               "(RELAY_MAX_CALLS).", "server_error", headers={"Retry-After": RETRY_AFTER_FULL_S})
@@ -866,13 +880,17 @@ async def _create_call(request: web.Request, settings: Settings, calls: dict[str
         return error_response(404, "call_not_found", "No conversation is kept for that call id, so it cannot be "
                               "resumed (transcripts outlive a call in memory for the last calls only; set "
                               "RELAY_HISTORY_DIR to keep them).", param="resume")
-    locked = request.get(TOKEN_SESSION)  # a client secret's session: its fields win, and stay
+    locked = request.get(TOKEN_SESSION)  # a client secret's session: its settings win, and stay
+    model = call_model(session, locked, [*settings.models, settings.model])
+    if isinstance(model, Refusal):
+        return error_response(400, model.code, model.message, param=model.param)
     policy = call_policy(settings, request.app[TOOLBOX], locked)
-    session = starting_session(settings.session, session, locked, policy, trusted=bool(request.get(BACKEND)))
-    if isinstance(session, Refusal):
-        return error_response(400, session.code, session.message, param=session.param)
-    call = Call(settings, request.app[TARGET], on_closed=lambda c: _ended(request.app, c), call_id=call_id,
-                toolbox=request.app[TOOLBOX], policy=policy, token_nonce=request.get(TOKEN_NONCE))
+    session, kept = starting_session(settings.session, session, locked, policy, trusted=BACKEND in request)
+    target = request.app[TARGET]
+    call = Call(settings, target.for_model(model) if model else target, on_closed=lambda c: _ended(request.app, c),
+                call_id=call_id, toolbox=request.app[TOOLBOX], policy=policy, token_nonce=request.get(TOKEN_NONCE))
+    if kept:
+        call.tell_client(call.core.fields_kept(kept, None))  # held until its data channel opens
     if earlier is not None:
         call.history = History.resuming(earlier, resume, settings.prices)
     try:
@@ -902,8 +920,10 @@ async def _create_call(request: web.Request, settings: Settings, calls: dict[str
 
 
 def call_policy(settings: Settings, toolbox: Toolbox, locked: dict[str, Any] | None) -> EventPolicy:
-    """What a call's client may change: the operator's choice of fields, less its client secret's."""
-    return EventPolicy(settings.client_session_fields, locked={k: v for k, v in (locked or {}).items() if k != "type"},
+    """What a call's client may change: the operator's choice of fields, less its client secret's settings (its
+    model is the call's choice at creation, not a lock)."""
+    return EventPolicy(settings.client_session_fields,
+                       locked={k: v for k, v in (locked or {}).items() if k not in ("type", "model")},
                        server_tools=[t["name"] for t in toolbox.definitions()])
 
 
@@ -1051,6 +1071,7 @@ def add_call_routes(app: web.Application, settings: Settings, target: UpstreamTa
     app[SHUTTING_DOWN] = asyncio.Event()
     app[STARTING] = set()
     app[LIMITER] = RateLimiter(settings.calls_per_ip_per_s)
+    app[KEY_LIMITER] = RateLimiter(settings.calls_per_key_per_s, burst=KEY_BURST)
     app[PROXIES] = networks(settings.trusted_proxies)
     app[ENDED] = OrderedDict()
     app[TOOLBOX] = Toolbox.load(settings.tools)

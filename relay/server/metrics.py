@@ -42,7 +42,10 @@ TURN_LATENCY = Histogram(
     "audio leaving it", buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0))
 BARGE_INS = Counter("relay_barge_ins", "The model's audio flushed because the user spoke")
 TRUNCATIONS = Counter("relay_truncations", "conversation.item.truncate sent upstream after a barge-in")
-POLICY_REFUSALS = Counter("relay_policy_refusals", "Client events the event policy refused (RELAY_CLIENT_SESSION_FIELDS)")
+POLICY_REFUSALS = Counter("relay_policy_refusals", "Client events the event policy refused (items a client may not "
+                          "add: system messages, forged tool calls and outputs)")
+FIELDS_KEPT = Counter("relay_policy_fields_kept", "Client events (and offered sessions) whose locked session fields "
+                      "were kept at the operator's values while the rest was applied")
 RECONNECTS = Counter("relay_upstream_reconnects", "Upstream sessions replaced after a drop")
 ROLLOVERS = Counter("relay_upstream_rollovers", "Upstream sessions replaced ahead of their expiry")
 FRAMES = Counter("relay_outbound_frames", "20 ms frames sent to clients (silence included)")
@@ -61,6 +64,7 @@ SENT = Counter("relay_sent_bytes", "Bytes sent: rtp (audio payloads to clients),
 # A call's counts (Call.meter_counts) -> the counter each one adds to.
 _COUNTERS: dict[str, Any] = {
     "barge_ins": BARGE_INS, "truncations": TRUNCATIONS, "policy_refusals": POLICY_REFUSALS,
+    "fields_kept": FIELDS_KEPT,
     "reconnects": RECONNECTS, "rollovers": ROLLOVERS,
     "frames": FRAMES, "frames_late": FRAMES_LATE, "frames_dropped": FRAMES_DROPPED,
     "rtp_in": RECEIVED.labels("rtp"), "datachannel_in": RECEIVED.labels("datachannel"),

@@ -406,6 +406,8 @@ const HANDLERS = {
   },
   "relay.upstream.reconnecting": () => setState("reconnecting"),
   "relay.upstream.reconnected": () => setState("connected"),
+  // Settings the operator fixed stayed as they were; the rest of the update was applied.
+  "relay.policy.fields_kept": (e) => note(e.message || "Some settings are fixed by the operator of this relay."),
 };
 
 // --- the transcript -----------------------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from relay.config import Settings
 
@@ -16,6 +16,20 @@ class UpstreamTarget:
     kind: Literal["openai", "url", "simulator"]
     url: str | None  # None for the simulator until it has started
     headers: dict[str, str] = field(default_factory=dict, repr=False)  # holds the key: never print it
+
+    @property
+    def model(self) -> str | None:
+        """The model the URL asks for (its `model` query parameter), if it names one."""
+        query = dict(parse_qsl(urlsplit(self.url or "").query))
+        return query.get("model")
+
+    def for_model(self, model: str) -> "UpstreamTarget":
+        """The same upstream, asked for `model`: the URL's `model` query parameter set to it (OpenAI's, an Azure
+        deployment's, the simulator's, or any other URL's alike), the rest of the URL kept."""
+        assert self.url is not None
+        parts = urlsplit(self.url)
+        query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "model"]
+        return replace(self, url=urlunsplit(parts._replace(query=urlencode([("model", model), *query]))))
 
     def describe(self) -> str:
         """One log line; never contains the key."""

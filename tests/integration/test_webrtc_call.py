@@ -481,7 +481,7 @@ async def test_the_page_and_its_client_config_are_served_without_secrets(simulat
                 text = await response.text()
         config = json.loads(text)
         assert config["ice_servers"] == [{"urls": "stun:stun.example.org:3478"}] and config["locked"] == [
-            "instructions", "model", "prompt", "tool_choice", "tools", "tracing"]
+            "instructions", "model", "parallel_tool_calls", "prompt", "reasoning", "tool_choice", "tools", "tracing"]
         assert config["prices"]["audio_output"] == 50 and config["prices"]["audio_input"] == 32
         assert "sk-canary-page" not in text
     finally:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import zlib
 
 import pytest
 
@@ -11,34 +14,60 @@ from relay.server.auth import Tokens, TokenError, is_api_key, ttl_of
 from relay.server.workers import _child_env
 
 
-def test_a_token_is_good_once_until_it_expires_and_only_where_it_was_signed():
+def test_a_token_is_good_until_it_expires_at_any_relay_with_the_same_secret():
     tokens = Tokens(b"secret", worker=1)
-    token, expires_at = tokens.mint({"instructions": "x"}, 60, now=1000.0)
+    session = {"instructions": "Be Ada.", "tools": [{"type": "function", "name": "f", "parameters": {}}]}
+    token, expires_at = tokens.mint(session, 60, now=1000.0)
     assert token.startswith("ek_") and expires_at == 1060
     claims = tokens.check(token, now=1059.0)
-    assert claims.worker == 1
+    assert (claims.worker, claims.session) == (1, session)
+    assert tokens.check(token, now=1059.0) == claims  # any number of times (OpenAI's secrets create many calls)
     with pytest.raises(TokenError, match="expired"):
         tokens.check(token, now=1060.0)
-    assert Tokens(b"secret", worker=0).check(token, now=1000.0) == claims  # any worker of the relay can check
+    assert Tokens(b"secret", worker=0).check(token, now=1000.0) == claims  # another worker, another relay
     with pytest.raises(TokenError, match="not valid"):
         Tokens(b"another secret").check(token, now=1000.0)
-    payload, signature = token.split(".")
-    for forged in (payload + "." + signature[::-1], payload[:-2] + "x." + signature, "ek_", token + ".x"):
-        with pytest.raises(TokenError):
-            tokens.check(forged, now=1000.0)
-    assert tokens.redeem(claims, now=1001.0) == {"instructions": "x"}
-    with pytest.raises(TokenError, match="already been used"):
-        tokens.redeem(claims, now=1002.0)
-    assert tokens.signed_nonce(token) == claims.nonce  # still names its call after expiry and use
+    assert tokens.signed_nonce(token) == claims.nonce  # still names its calls after expiry
     assert Tokens(b"another secret").signed_nonce(token) is None
 
 
-def test_an_unused_token_is_not_redeemed_after_its_expiry():
+def test_a_token_cannot_be_read_or_altered_by_its_holder():
     tokens = Tokens(b"secret")
+    token, _ = tokens.mint({"instructions": "The operator's secret prompt"}, 60, now=0.0)
+    sealed = base64.urlsafe_b64decode(token[3:] + "=" * (-len(token[3:]) % 4))
+    assert b"secret prompt" not in sealed  # encrypted: not plain text, and not merely compressed either
+    with pytest.raises(zlib.error):
+        zlib.decompress(sealed[12:])
+    flipped = [token[:10] + ("A" if token[10] != "A" else "B") + token[11:], token[:-1] + ("A" if token[-1] != "A" else "B"),
+               token + "AAAA", "ek_", "ek_" + token[3:20], token.replace("ek_", "ek_x")]
+    for forged in flipped:
+        with pytest.raises(TokenError, match="not valid"):
+            tokens.check(forged, now=1.0)
+
+
+def test_a_single_use_token_is_good_once_where_it_was_minted():
+    tokens = Tokens(b"secret", single_use=True)
+    token, _ = tokens.mint({"instructions": "x"}, 60, now=1000.0)
+    claims = tokens.check(token, now=1000.0)
+    tokens.redeem(claims, now=1001.0)
+    with pytest.raises(TokenError, match="already been used"):
+        tokens.redeem(claims, now=1002.0)
+    with pytest.raises(TokenError, match="already been used"):  # another relay never saw it minted
+        Tokens(b"secret", single_use=True).redeem(claims, now=1001.0)
+
+
+def test_an_unused_single_use_token_is_not_redeemed_after_its_expiry():
+    tokens = Tokens(b"secret", single_use=True)
     token, _ = tokens.mint(None, 10, now=0.0)
     claims = tokens.check(token, now=5.0)
     with pytest.raises(TokenError):
         tokens.redeem(claims, now=10.0)
+
+
+def test_a_session_too_long_for_a_header_is_refused_at_minting():
+    tokens = Tokens(b"secret")
+    with pytest.raises(ValueError, match="longer than"):
+        tokens.mint({"instructions": base64.b64encode(os.urandom(8000)).decode()}, 60, now=0.0)
 
 
 def test_expires_after_follows_openais_shape_and_bounds():

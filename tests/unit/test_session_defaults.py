@@ -1,0 +1,47 @@
+"""The session as the service fills it in (relay.protocol.session), checked against the `openai` SDK's types."""
+
+from __future__ import annotations
+
+import typing
+
+from openai.types.realtime import RealtimeSessionCreateRequestParam, RealtimeSessionCreateResponse
+
+from relay.config import Settings
+from relay.protocol.session import REALTIME_MODELS, default_session, filled_in, merge
+
+
+def _literal_names(annotation) -> set[str]:
+    """Every string of the Literals inside a (nested) Union annotation."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return {a for a in typing.get_args(annotation) if isinstance(a, str)}
+    return set().union(*(_literal_names(a) for a in typing.get_args(annotation)))
+
+
+def test_the_default_models_are_the_realtime_models_the_sdk_names():
+    sdk = _literal_names(typing.get_type_hints(RealtimeSessionCreateRequestParam, include_extras=True)["model"])
+    assert "gpt-realtime" in sdk and len(sdk) > 10
+    assert set(REALTIME_MODELS) == {name for name in sdk if "realtime" in name}
+    assert Settings.load(env={}).models == list(REALTIME_MODELS)
+
+
+def test_a_filled_in_session_is_what_openai_answers():
+    session = filled_in({"type": "realtime", "instructions": "Be Ada.", "model": "ignored",
+                         "audio": {"output": {"voice": "cedar"}, "input": {"transcription": {"model": "whisper-1"}}}},
+                        "gpt-realtime-mini")
+    parsed = RealtimeSessionCreateResponse.model_validate({**session, "id": "sess_1", "expires_at": 1})
+    assert (parsed.model, parsed.instructions, parsed.audio.output.voice) == ("gpt-realtime-mini", "Be Ada.", "cedar")
+    assert parsed.audio.output.format.type == "audio/pcm" and parsed.audio.output.speed == 1.0  # defaults kept
+    assert parsed.audio.input.transcription.model == "whisper-1" and parsed.audio.input.turn_detection.threshold == 0.5
+    assert default_session("gpt-realtime")["audio"]["input"]["turn_detection"] is not \
+        default_session("gpt-realtime")["audio"]["input"]["turn_detection"]  # fresh each time: callers may change it
+
+
+def test_settings_combine_as_a_session_update_does():
+    base = {"instructions": "A", "audio": {"input": {"turn_detection": {"type": "server_vad", "threshold": 0.4}},
+                                           "output": {"voice": "marin"}}}
+    update = {"audio": {"input": {"turn_detection": {"type": "semantic_vad"}}, "output": {"speed": 1.2}}, "tools": []}
+    assert merge(base, update) == {
+        "instructions": "A", "tools": [],
+        "audio": {"input": {"turn_detection": {"type": "semantic_vad"}},  # replaced whole, as the service does
+                  "output": {"voice": "marin", "speed": 1.2}}}
+    assert base["audio"]["output"] == {"voice": "marin"}  # the base is not changed
