@@ -133,6 +133,10 @@ class ClientCall:
         await self.pc.close()
 
 
+# Posts an offer SDP and returns (answer SDP, Location), e.g. through an SDK.
+Poster = Callable[[str], Awaitable[tuple[str, str]]]
+
+
 def strip_candidates(sdp: str) -> str:
     """An offer as OpenAI's JavaScript SDK may send it: before ICE gathering, with no candidates."""
     return "".join(line for line in sdp.splitlines(keepends=True) if not line.startswith(("a=candidate", "a=end-of-candidates")))
@@ -142,8 +146,10 @@ async def call_relay(base_url: str, mutate_offer: Callable[[str], str] = lambda 
                      session: dict[str, Any] | None = None, http: aiohttp.ClientSession | None = None,
                      resume: str | None = None, headers: dict[str, str] | None = None,
                      on_answer: Callable[[str], Awaitable[None]] | None = None, strict: bool = True,
-                     conceal: bool = False) -> ClientCall:
+                     conceal: bool = False, post: Poster | None = None) -> ClientCall:
     """Connect a client peer to the relay; raises AssertionError with the body if it does not answer 201.
+    `post`: sends the offer another way (an SDK) instead of aiohttp to `base_url` with `session`, `http`, `resume`
+    and `headers`; whatever it raises is raised here, the peer closed.
     `on_answer` is awaited with the answer SDP before the client applies it (and starts its ICE checks).
     `strict`: every event the relay passes on must be a valid GA event (False: an upstream that sends garbage).
     `conceal`: receive like a browser (a jitter buffer that reorders and Opus loss concealment, here the relay's
@@ -183,6 +189,22 @@ async def call_relay(base_url: str, mutate_offer: Callable[[str], str] = lambda 
 
     await pc.setLocalDescription(await pc.createOffer())
     sdp = mutate_offer(pc.localDescription.sdp)
+    try:
+        posting = post(sdp) if post is not None else _post_offer(base_url, sdp, session, http, resume, headers)
+        call.answer_sdp, call.location = await posting
+        call.call_id = re.fullmatch(r"/v1/realtime/calls/(rtc_\w+)", call.location).group(1)
+        if on_answer is not None:
+            await on_answer(call.answer_sdp)
+    except BaseException:
+        await pc.close()
+        raise
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=call.answer_sdp, type="answer"))
+    return call
+
+
+async def _post_offer(base_url: str, sdp: str, session: dict[str, Any] | None, http: aiohttp.ClientSession | None,
+                      resume: str | None, headers: dict[str, str] | None) -> tuple[str, str]:
+    """POST the offer (raw, or multipart with `session`): (answer SDP, Location); AssertionError unless 201."""
     owned = http is None
     http = http or aiohttp.ClientSession()
     try:
@@ -198,20 +220,9 @@ async def call_relay(base_url: str, mutate_offer: Callable[[str], str] = lambda 
         async with request as response:
             body = await response.text()
             if response.status != 201:
-                await pc.close()
                 raise AssertionError(f"relay answered {response.status}: {body}")
             assert response.content_type == "application/sdp"
-            call.location = response.headers["Location"]
-            call.call_id = re.fullmatch(r"/v1/realtime/calls/(rtc_\w+)", call.location).group(1)
+            return body, response.headers["Location"]
     finally:
         if owned:
             await http.close()
-    call.answer_sdp = body
-    if on_answer is not None:
-        try:
-            await on_answer(body)
-        except BaseException:
-            await pc.close()
-            raise
-    await pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
-    return call
