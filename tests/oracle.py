@@ -7,9 +7,10 @@ the GA service itself sends and the types lack (the session's id, object and exp
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
-from openai.types.realtime import RealtimeClientEvent, RealtimeServerEvent
+import typing_extensions
+from openai.types.realtime import RealtimeClientEvent, RealtimeServerEvent, RealtimeSessionCreateRequestParam
 from pydantic import TypeAdapter
 
 from relay.protocol import UnknownServerEvent, parse_server_event, unknown_fields
@@ -17,6 +18,11 @@ from relay.protocol import UnknownServerEvent, parse_server_event, unknown_field
 SERVER_EVENTS = TypeAdapter(RealtimeServerEvent)
 CLIENT_EVENTS = TypeAdapter(RealtimeClientEvent)
 SENT_BY_SERVICE_NOT_IN_TYPES = {"session.id", "session.object", "session.expires_at"}
+# The model names the realtime session type lists (its `model` is `str | Literal[...]`).
+SESSION_MODELS: tuple[str, ...] = next(
+    get_args(arm) for arm in get_args(typing_extensions.get_type_hints(RealtimeSessionCreateRequestParam)["model"])
+    if get_origin(arm) is Literal
+)
 
 
 def check_server_event(event: dict[str, Any]) -> None:

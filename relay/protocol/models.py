@@ -24,7 +24,7 @@ class RealtimeModel(BaseModel):
 
 
 class AudioPCM(RealtimeModel):
-    type: Literal["audio/pcm"]
+    type: Literal["audio/pcm"] = "audio/pcm"
     rate: Literal[24000] | None = None
 
 
@@ -36,17 +36,34 @@ class AudioPCMA(RealtimeModel):
     type: Literal["audio/pcma"]
 
 
-AudioFormat = Annotated[Union[AudioPCM, AudioPCMU, AudioPCMA], Field(discriminator="type")]
+def _format_tag(value: Any) -> str:
+    """A format that names no type is PCM (the types leave every field of each format optional)."""
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return "audio/pcm" if kind is None else kind
+
+
+AudioFormat = Annotated[
+    Union[Annotated[AudioPCM, Tag("audio/pcm")], Annotated[AudioPCMU, Tag("audio/pcmu")],
+          Annotated[AudioPCMA, Tag("audio/pcma")]],
+    Discriminator(_format_tag),
+]
 
 
 class NoiseReduction(RealtimeModel):
     type: Literal["near_field", "far_field"] | None = None
+    strength: float | None = None
+
+
+Effort = Literal["minimal", "low", "medium", "high", "xhigh"]
 
 
 class InputTranscription(RealtimeModel):
     model: str | None = None
     language: str | None = None
+    languages: list[str] | None = None
+    keywords: list[str] | None = None
     prompt: str | None = None
+    delay: Effort | None = None
 
 
 class ServerVad(RealtimeModel):
@@ -98,24 +115,133 @@ class FunctionTool(RealtimeModel):
     parameters: dict[str, Any] | None = None
 
 
+class McpToolFilter(RealtimeModel):
+    read_only: bool | None = None
+    tool_names: list[str] | None = None
+
+
+class McpApprovalFilter(RealtimeModel):
+    always: McpToolFilter | None = None
+    never: McpToolFilter | None = None
+
+
+McpConnector = Literal[
+    "connector_dropbox", "connector_gmail", "connector_googlecalendar", "connector_googledrive",
+    "connector_microsoftteams", "connector_outlookcalendar", "connector_outlookemail", "connector_sharepoint",
+]
+
+
+class McpTool(RealtimeModel):
+    """A remote MCP server the service calls for the model. One of server_url, connector_id, tunnel_id names it."""
+
+    type: Literal["mcp"]
+    server_label: str
+    server_url: str | None = None
+    connector_id: McpConnector | None = None
+    tunnel_id: str | None = None
+    server_description: str | None = None
+    authorization: str | None = None
+    headers: dict[str, str] | None = None
+    allowed_tools: list[str] | McpToolFilter | None = None
+    allowed_callers: list[Literal["direct", "programmatic"]] | None = None
+    require_approval: Literal["always", "never"] | McpApprovalFilter | None = None
+    defer_loading: bool | None = None
+
+
+def _tool_tag(value: Any) -> str:
+    """A tool with no type is a function, as the service reads it."""
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return "mcp" if kind == "mcp" else "function"
+
+
+Tool = Annotated[
+    Union[Annotated[FunctionTool, Tag("function")], Annotated[McpTool, Tag("mcp")]], Discriminator(_tool_tag)
+]
+
+
 class ToolChoiceFunction(RealtimeModel):
     type: Literal["function"]
     name: str
 
 
-ToolChoice = Union[Literal["auto", "none", "required"], ToolChoiceFunction]
+class ToolChoiceMcp(RealtimeModel):
+    type: Literal["mcp"]
+    server_label: str
+    name: str | None = None
+
+
+def _tool_choice_tag(value: Any) -> str:
+    if isinstance(value, str):
+        return "tool_choice_mode"
+    return "mcp" if _tool_tag(value) == "mcp" else "function"
+
+
+ToolChoice = Annotated[
+    Union[Annotated[Literal["auto", "none", "required"], Tag("tool_choice_mode")],
+          Annotated[ToolChoiceFunction, Tag("function")], Annotated[ToolChoiceMcp, Tag("mcp")]],
+    Discriminator(_tool_choice_tag),
+]
 MaxOutputTokens = Union[Annotated[int, Field(ge=1, le=4096)], Literal["inf"]]
+
+
+class Reasoning(RealtimeModel):
+    effort: Effort | None = None
 
 
 class TracingConfig(RealtimeModel):
     workflow_name: str | None = None
     group_id: str | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: Any = None  # any JSON value
+
+
+class TokenLimits(RealtimeModel):
+    post_instructions: Annotated[int, Field(ge=1)] | None = None
 
 
 class RetentionRatioTruncation(RealtimeModel):
     type: Literal["retention_ratio"]
     retention_ratio: Annotated[float, Field(ge=0.0, le=1.0)]
+    token_limits: TokenLimits | None = None
+
+
+class CacheBreakpoint(RealtimeModel):
+    mode: Literal["explicit"]
+    ttl: Literal["30m", "12h"] | None = None
+
+
+class PromptText(RealtimeModel):
+    type: Literal["input_text"]
+    text: str
+    prompt_cache_breakpoint: CacheBreakpoint | None = None
+
+
+class PromptImage(RealtimeModel):
+    type: Literal["input_image"]
+    detail: Literal["low", "high", "auto", "original"]
+    file_id: str | None = None
+    image_url: str | None = None
+    prompt_cache_breakpoint: CacheBreakpoint | None = None
+
+
+class PromptFile(RealtimeModel):
+    type: Literal["input_file"]
+    detail: Literal["auto", "low", "high"] | None = None
+    file_data: str | None = None
+    file_id: str | None = None
+    file_url: str | None = None
+    filename: str | None = None
+    prompt_cache_breakpoint: CacheBreakpoint | None = None
+
+
+PromptVariable = Union[str, Annotated[Union[PromptText, PromptImage, PromptFile], Field(discriminator="type")]]
+
+
+class Prompt(RealtimeModel):
+    """A stored prompt template (deprecated by OpenAI, still accepted)."""
+
+    id: str
+    version: str | None = None
+    variables: dict[str, PromptVariable] | None = None
 
 
 class Session(RealtimeModel):
@@ -129,12 +255,14 @@ class Session(RealtimeModel):
     instructions: str | None = None
     output_modalities: list[Literal["text", "audio"]] | None = None
     audio: AudioConfig | None = None
-    tools: list[FunctionTool] | None = None
+    tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning: Reasoning | None = None
     max_output_tokens: MaxOutputTokens | None = None
     tracing: Literal["auto"] | TracingConfig | None = None
     include: list[Literal["item.input_audio_transcription.logprobs"]] | None = None
-    prompt: dict[str, Any] | None = None
+    prompt: Prompt | None = None
     truncation: Literal["auto", "disabled"] | RetentionRatioTruncation | None = None
     id: str | None = None
     object: Literal["realtime.session"] | None = None
@@ -215,6 +343,22 @@ class FunctionCallOutput(_ItemBase):
     output: str
 
 
+class McpListedTool(RealtimeModel):
+    name: str
+    input_schema: Any  # a JSON schema
+    description: str | None = None
+    annotations: Any = None
+
+
+class McpListTools(RealtimeModel):
+    """The tools an MCP server offers: the service adds one to the conversation per server of the session."""
+
+    type: Literal["mcp_list_tools"]
+    server_label: str
+    tools: list[McpListedTool]
+    id: str | None = None
+
+
 def _item_tag(value: Any) -> str | None:
     """Messages are told apart by role, the other items by type."""
     get = value.get if isinstance(value, dict) else lambda key, default=None: getattr(value, key, default)
@@ -229,6 +373,7 @@ ConversationItem = Annotated[
         Annotated[AssistantMessage, Tag("assistant")],
         Annotated[FunctionCall, Tag("function_call")],
         Annotated[FunctionCallOutput, Tag("function_call_output")],
+        Annotated[McpListTools, Tag("mcp_list_tools")],
     ],
     Discriminator(_item_tag),
 ]
@@ -299,11 +444,13 @@ class ResponseCreateParams(RealtimeModel):
     instructions: str | None = None
     output_modalities: list[Literal["text", "audio"]] | None = None
     audio: ResponseAudio | None = None
-    tools: list[FunctionTool] | None = None
+    tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning: Reasoning | None = None
     max_output_tokens: MaxOutputTokens | None = None
     metadata: dict[str, str] | None = None
-    prompt: dict[str, Any] | None = None
+    prompt: Prompt | None = None
 
 
 # --- client events (the 11 of the GA API) ----------------------------------------------------------------------
@@ -632,6 +779,22 @@ class ResponseFunctionCallArgumentsDone(ServerEventBase):
     arguments: str
 
 
+class _McpListToolsEvent(ServerEventBase):
+    item_id: str
+
+
+class McpListToolsInProgress(_McpListToolsEvent):
+    type: Literal["mcp_list_tools.in_progress"]
+
+
+class McpListToolsCompleted(_McpListToolsEvent):
+    type: Literal["mcp_list_tools.completed"]
+
+
+class McpListToolsFailed(_McpListToolsEvent):
+    type: Literal["mcp_list_tools.failed"]
+
+
 class RateLimit(RealtimeModel):
     name: Literal["requests", "tokens"] | None = None
     limit: int | None = None
@@ -680,5 +843,8 @@ ServerEvent = Union[
     ResponseOutputTextDone,
     ResponseFunctionCallArgumentsDelta,
     ResponseFunctionCallArgumentsDone,
+    McpListToolsInProgress,
+    McpListToolsCompleted,
+    McpListToolsFailed,
     RateLimitsUpdated,
 ]

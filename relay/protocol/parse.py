@@ -149,7 +149,8 @@ def unknown_fields(value: Any, path: str = "") -> list[str]:
 _TAG_WORDS = frozenset(
     ["system", "user", "assistant", "function_call", "function_call_output", "input_text", "input_audio",
      "input_image", "output_text", "output_audio", "server_vad", "semantic_vad", "audio/pcm", "audio/pcmu",
-     "audio/pcma", "int", "float", "str", "bool", "list", "dict", "none"]
+     "audio/pcma", "function", "mcp", "mcp_list_tools", "input_file", "tool_choice_mode", "int", "float", "str",
+     "bool", "list", "dict", "none"]
 )
 
 
@@ -173,11 +174,20 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+_TYPE_ERRORS = frozenset(["int_type", "float_type", "string_type", "model_type"])
+
+
+def _depth(param: str) -> int:
+    return param.count(".") + param.count("[") + 1
+
+
 def error_from_validation(exc: ValidationError, event_id: str | None) -> ProtocolError:
     """The first pydantic error as the service would word it."""
     errors = exc.errors(include_url=False)
-    # A union reports one error per member; a bad *value* is more telling than a wrong type.
-    error = next((e for e in errors if e["type"] not in {"int_type", "float_type", "string_type", "model_type"}), errors[0])
+    # A union reports one error per member. The member that got furthest into the value is the one the client
+    # meant (`truncation: {"type": "retention_ratio", ...}` is not a bad "auto"), and a bad *value* is more
+    # telling than a wrong type. The first such error wins.
+    error = max(errors, key=lambda e: (_depth(_param_path(e["loc"])), e["type"] not in _TYPE_ERRORS))
     kind, ctx, given = error["type"], error.get("ctx") or {}, error.get("input")
     param = _param_path(error["loc"])
     if kind == "missing":

@@ -21,7 +21,6 @@ import hmac
 import io
 import json
 import logging
-import re
 import time
 import wave
 from collections import deque
@@ -33,7 +32,7 @@ from aiohttp import WSMsgType, web
 from relay.protocol import dumps, new_id
 from relay.simulator import voice
 from relay.simulator.config import KnobError, SimConfig, with_overrides
-from relay.simulator.session import SimSession
+from relay.simulator.session import SimSession, model_refusal
 
 log = logging.getLogger("relay.simulator")
 
@@ -50,7 +49,6 @@ GARBAGE: list[str | bytes] = [
     "{" * 100_000,
 ]
 CONFIG: web.AppKey["LiveConfig"] = web.AppKey("config")
-_MODEL_NAME = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _MAX_EVENTS_RECORDED = 100_000
 _MAX_RECORDED_EVENT_CHARS = 64 * 1024  # a larger event is recorded by its type and size only
 _MAX_BACKLOG_EVENTS = 1000  # a client that stops reading stops being read
@@ -208,12 +206,9 @@ def _refusal(config: SimConfig, request: web.Request, model: str) -> tuple[dict[
             "code": "invalid_api_key",
             "message": "Incorrect API key provided. You can find your API key in your account settings.",
         }, 3000
-    if not _MODEL_NAME.fullmatch(model):
-        return {
-            "type": "invalid_request_error",
-            "code": "model_not_found",
-            "message": f"The model `{model[:64]}` does not exist or you do not have access to it.",
-        }, 4000
+    refused = model_refusal(model)
+    if refused is not None:
+        return {"type": "invalid_request_error", "code": "model_not_found", "message": refused}, 4000
     return None
 
 

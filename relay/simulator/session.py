@@ -22,62 +22,45 @@ from typing import Any, Callable
 
 from relay.protocol import ProtocolError, new_id, parse_client_event
 from relay.protocol import models as m
+from relay.protocol.session import MODEL_NAME, SERVER_VAD_DEFAULTS, merge
+from relay.protocol.session import default_session as service_default_session
 from relay.simulator import voice
 from relay.simulator.config import SimConfig
 from relay.simulator.vad import EnergyVad, SpeechStarted, VadSettings
 
-SERVER_VAD_DEFAULTS = {
-    "type": "server_vad",
-    "threshold": 0.5,
-    "prefix_padding_ms": 300,
-    "silence_duration_ms": 500,
-    "create_response": True,
-    "interrupt_response": True,
-    "idle_timeout_ms": None,
-}
 SEMANTIC_VAD_DEFAULTS = {"type": "semantic_vad", "eagerness": "auto", "create_response": True, "interrupt_response": True}
 # Semantic VAD has no model here: its eagerness only sets how much silence ends a turn.
 SEMANTIC_SILENCE_MS = {"low": 1000, "medium": 600, "auto": 600, "high": 300}
 log = logging.getLogger("relay.simulator")
 MIN_COMMIT_MS = 100
+# An MCP entry names its server by one of these.
+_MCP_SERVER_KEYS = ("server_url", "connector_id", "tunnel_id")
 VAD_IDLE_KEEP_MS = 5000  # with VAD on and nobody speaking, older buffered audio is dropped
-# session.update merges these objects key by key; any other value is replaced whole.
-_MERGED_KEYS = {"audio", "input", "output"}
+# The item types whose GA form has `object` and `status` (MCP items have neither).
+_ITEMS_WITH_STATUS = {"message", "function_call", "function_call_output"}
 # Fields that may be left out of a session.update but not set to null.
 _NOT_NULL = {
     "model", "instructions", "output_modalities", "audio", "audio.input", "audio.output", "audio.input.format",
     "audio.output.format", "audio.output.voice", "audio.output.speed", "tools", "tool_choice", "max_output_tokens",
-    "truncation", "audio.input.format.rate", "audio.output.format.rate",
+    "truncation", "audio.input.format.rate", "audio.output.format.rate", "parallel_tool_calls", "reasoning",
+    "reasoning.effort",
     *(f"audio.input.turn_detection.{k}" for k in (
         "threshold", "prefix_padding_ms", "silence_duration_ms", "create_response", "interrupt_response", "eagerness")),
 }
 
 
 def default_session(session_id: str, model: str, expires_at: int) -> dict[str, Any]:
-    return {
-        "type": "realtime",
-        "object": "realtime.session",
-        "id": session_id,
-        "model": model,
-        "output_modalities": ["audio"],
-        "instructions": "You are the relay's Realtime simulator. You echo what you hear.",
-        "tools": [],
-        "tool_choice": "auto",
-        "max_output_tokens": "inf",
-        "tracing": None,
-        "truncation": "auto",
-        "prompt": None,
-        "expires_at": expires_at,
-        "audio": {
-            "input": {
-                "format": {"type": "audio/pcm", "rate": 24000},
-                "transcription": None,
-                "noise_reduction": None,
-                "turn_detection": dict(SERVER_VAD_DEFAULTS),
-            },
-            "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "marin", "speed": 1.0},
-        },
-    }
+    """The service's defaults, with the simulator's own instructions."""
+    session = service_default_session(model, "You are the relay's Realtime simulator. You echo what you hear.")
+    return {**session, "id": session_id, "expires_at": expires_at}
+
+
+def model_refusal(model: str) -> str | None:
+    """The service's model_not_found message for a name the simulator cannot serve; None when it can. It serves any
+    well-formed name: every one the SDK types list, and the ones to come."""
+    if MODEL_NAME.fullmatch(model):
+        return None
+    return f"The model `{model[:64]}` does not exist or you do not have access to it."
 
 
 def tokens(text: str | None) -> int:
@@ -164,6 +147,7 @@ class SimSession:
         self._prev_input_tokens = (0, 0)  # (text, audio) of the last response: the cacheable prefix
         self._assistant_audio_sent = False
         self._turns = 0  # user turns so far: an idle timeout armed before a new turn is void
+        self._mcp_listed: dict[str, dict[str, Any]] = {}  # server_label -> the MCP entry whose tools were listed
         self._at(now + config.max_session_s, self._expire)
         self._emit("session.created", session=copy.deepcopy(self.session))
 
@@ -232,6 +216,13 @@ class SimSession:
         return self.items[-1].id if self.items else None
 
     def _add_item(self, item: SimItem, previous_item_id: str | None = None) -> None:
+        previous = self._insert_item(item, previous_item_id)
+        self._emit("conversation.item.added", previous_item_id=previous, item=item.public())
+        self._emit("conversation.item.done", previous_item_id=previous, item=item.public())
+
+    def _insert_item(self, item: SimItem, previous_item_id: str | None = None) -> str | None:
+        """Put `item` in the conversation (last, first for "root", or after `previous_item_id`); returns the id of
+        the item before it."""
         if previous_item_id is None:
             previous = self._last_item_id()
             self.items.append(item)
@@ -243,8 +234,7 @@ class SimSession:
             index = next(i for i, it in enumerate(self.items) if it.id == previous_item_id)
             self.items.insert(index + 1, item)
         self._evict_old_items()
-        self._emit("conversation.item.added", previous_item_id=previous, item=item.public())
-        self._emit("conversation.item.done", previous_item_id=previous, item=item.public())
+        return previous
 
     @property
     def _turn_detection(self) -> dict[str, Any] | None:
@@ -278,14 +268,39 @@ class SimSession:
                     "invalid_type", f"Invalid type for 'session.{path}': expected a value, but got null instead.",
                     f"session.{path}",
                 )
-        updated = copy.deepcopy(self.session)
-        _merge(updated, changes)
+        refused = model_refusal(changes["model"]) if "model" in changes else None
+        if refused is not None:
+            raise ProtocolError("model_not_found", refused, "session.model")
+        updated = merge(copy.deepcopy(self.session), changes)  # a copy: nothing changes unless all is well
         for tool in updated["tools"]:
             tool.setdefault("type", "function")
         self._check_session(updated, changes)
         self.session = updated
         self._reconfigure_vad()
         self._emit("session.updated", session=copy.deepcopy(self.session))
+        self._list_new_mcp_servers()
+
+    def _list_new_mcp_servers(self) -> None:
+        servers = {tool["server_label"]: tool for tool in self.session["tools"] if tool["type"] == "mcp"}
+        for label, tool in servers.items():
+            if self._mcp_listed.get(label) != tool:  # a new or changed entry; the SDKs resend the same ones
+                self._list_mcp_tools(tool)
+        self._mcp_listed = copy.deepcopy(servers)
+
+    def _list_mcp_tools(self, tool: dict[str, Any]) -> None:
+        """What the service does for a new MCP entry, without calling its server: an `mcp_list_tools` item holding
+        the tools the entry names (its `allowed_tools`), announced by `mcp_list_tools.in_progress|completed`."""
+        label = tool["server_label"]
+        item = SimItem({"id": new_id("item"), "type": "mcp_list_tools", "server_label": label, "tools": []})
+        previous = self._insert_item(item)
+        self._emit("conversation.item.added", previous_item_id=previous, item=item.public())
+        self._emit("mcp_list_tools.in_progress", item_id=item.id)
+        item.data["tools"] = [
+            {"name": name, "description": f"{name} on {label} (simulated)", "input_schema": {"type": "object"}}
+            for name in _mcp_tool_names(tool.get("allowed_tools"))
+        ]
+        self._emit("mcp_list_tools.completed", item_id=item.id)
+        self._emit("conversation.item.done", previous_item_id=previous, item=item.public())
 
     def _reconfigure_vad(self) -> None:
         """Follow turn_detection without losing a turn in progress."""
@@ -298,9 +313,17 @@ class SimSession:
             self._vad.settings = self._vad_settings()
 
     def _check_session(self, updated: dict[str, Any], changes: dict[str, Any]) -> None:
+        for index, tool in enumerate(updated["tools"]):
+            if tool["type"] == "mcp" and not any(tool.get(key) for key in _MCP_SERVER_KEYS):
+                raise ProtocolError(
+                    "missing_required_parameter",
+                    f"Missing required parameter: 'session.tools[{index}].server_url' (or connector_id, or tunnel_id).",
+                    f"session.tools[{index}].server_url",
+                )
         for direction in ("input", "output"):
             fmt = updated["audio"][direction]["format"]
-            if fmt.get("type") != "audio/pcm":
+            fmt.setdefault("type", "audio/pcm")
+            if fmt["type"] != "audio/pcm":
                 raise ProtocolError(
                     "invalid_value",
                     f"The simulator speaks only audio/pcm at 24000 Hz, not {fmt.get('type')}.",
@@ -473,8 +496,9 @@ class SimSession:
                 f"Previous item with id '{event.previous_item_id}' not found.",
                 "previous_item_id",
             )
-        data["object"] = "realtime.item"
-        data["status"] = "completed"
+        if data["type"] in _ITEMS_WITH_STATUS:
+            data["object"] = "realtime.item"
+            data["status"] = "completed"
         if data["type"] == "function_call":
             data.setdefault("call_id", new_id("call"))
         item = SimItem(data)
@@ -588,7 +612,7 @@ class SimSession:
         modality = modalities[0]
         tools = [t.model_dump() for t in params.tools] if params.tools is not None else self.session["tools"]
         tool_choice = params.tool_choice if params.tool_choice is not None else self.session["tool_choice"]
-        if isinstance(tool_choice, m.ToolChoiceFunction):
+        if isinstance(tool_choice, m.RealtimeModel):
             tool_choice = tool_choice.model_dump()
         max_tokens = params.max_output_tokens or self.session["max_output_tokens"]
         self.response = ActiveResponse(
@@ -657,9 +681,7 @@ class SimSession:
             self._apply_token_budget(r)
         self._emit("response.output_item.added", response_id=r.id, output_index=0, item=r.item.public())
         if r.in_conversation:
-            previous = self._last_item_id()
-            self.items.append(r.item)
-            self._evict_old_items()
+            previous = self._insert_item(r.item)
             self._emit("conversation.item.added", previous_item_id=previous, item=r.item.public())
         if reply.kind == "message":
             kind = "audio" if r.modality == "audio" else "text"
@@ -892,14 +914,6 @@ def _null_paths(changes: dict[str, Any], prefix: str = ""):
             yield from _null_paths(value, f"{prefix}{key}.")
 
 
-def _merge(target: dict[str, Any], changes: dict[str, Any]) -> None:
-    for key, value in changes.items():
-        if key in _MERGED_KEYS and isinstance(value, dict) and isinstance(target.get(key), dict):
-            _merge(target[key], value)
-        else:
-            target[key] = copy.deepcopy(value)
-
-
 def _plan_reply(context: list[SimItem], tools: list[dict[str, Any]], tool_choice: Any) -> Reply:
     """Decide what the simulator answers to the last thing said in `context`."""
     last = next(
@@ -930,12 +944,18 @@ def _tool_to_call(text: str, tools: list[dict[str, Any]], tool_choice: Any) -> s
     names = [t["name"] for t in tools if t.get("type", "function") == "function"]
     if not names or tool_choice == "none":
         return None
-    if isinstance(tool_choice, dict):
-        return tool_choice["name"] if tool_choice["name"] in names else None
+    if isinstance(tool_choice, dict):  # a named function; a named MCP tool is the service's to call, never ours
+        return tool_choice["name"] if tool_choice["type"] == "function" and tool_choice["name"] in names else None
     mentioned = [n for n in names if re.search(rf"(?<![\w]){re.escape(n)}(?![\w])", text, re.IGNORECASE)]
     if mentioned:
         return mentioned[0]
     return names[0] if tool_choice == "required" else None
+
+
+def _mcp_tool_names(allowed: list[str] | dict[str, Any] | None) -> list[str]:
+    """The tool names an MCP entry's `allowed_tools` gives (a list, or a filter's `tool_names`), each once."""
+    names = allowed.get("tool_names") if isinstance(allowed, dict) else allowed
+    return list(dict.fromkeys(names or []))
 
 
 def _arguments_in(text: str) -> str:

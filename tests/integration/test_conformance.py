@@ -38,8 +38,11 @@ async def _tour(url: str) -> list[dict]:
         await client.until("session.created")
         await client.update(
             audio={"input": {"transcription": {"model": "gpt-4o-mini-transcribe"}}},
-            tools=[{"type": "function", "name": "lookup", "parameters": {"type": "object"}}],
+            tools=[{"type": "function", "name": "lookup", "parameters": {"type": "object"}},
+                   {"type": "mcp", "server_label": "wiki", "server_url": "https://mcp.example.com/mcp",
+                    "allowed_tools": ["ask_question"]}],
         )
+        await client.until("mcp_list_tools.completed")  # an MCP entry's tools are listed
         await client.append(silence(400) + HELLO + silence(900))  # speech, commit, echo, transcription
         done = await client.until("response.done")
         await client.seen("conversation.item.input_audio_transcription.completed")

@@ -16,6 +16,7 @@ from relay.simulator.config import SimConfig
 from relay.simulator.server import start_simulator
 from tests.conftest import FAST
 from tests.helpers import BYTES_PER_MS, audio_of, connect, load_pcm, ms_of, silence
+from tests.oracle import SESSION_MODELS
 
 HELLO = load_pcm("speech_hello_24k.wav")
 
@@ -70,6 +71,12 @@ async def test_reject_auth_knob_refuses_any_key(simulator):
 async def test_the_beta_header_is_refused_like_ga_does(url):
     error, code = await _refused(url, headers={"OpenAI-Beta": "realtime=v1"})
     assert (error["code"], code) == ("beta_api_shape_disabled", 4000)
+
+
+async def test_every_model_name_of_the_sdk_types_is_served(simulator):
+    for model in SESSION_MODELS:
+        async with connect(f"{simulator.url}?model={model}") as client:
+            assert (await client.until("session.created"))["session"]["model"] == model
 
 
 async def test_a_malformed_model_name_is_refused(simulator):
