@@ -110,6 +110,9 @@ class CallCore:
         self._items: dict[str, ItemPlayout] = {}  # audio items of responses not yet finished playing
         self._queued_by_response: dict[str, int] = {}
         self._active_response: str | None = None  # between response.created and response.done
+        # The response the client's own response.cancel went up for (SDKs send it before output_audio_buffer.clear):
+        # a second cancel from the relay could only be refused.
+        self._client_cancelled: str | None = None
         self._done: set[str] = set()  # responses whose response.done has come
         self._playing: str | None = None  # response whose output_audio_buffer.started went out
         self._flushed: set[str] = set()  # responses whose late audio must be dropped
@@ -358,7 +361,7 @@ class CallCore:
         had_audio = bool(self._queue) or self._playing is not None
         self._queue.clear()
         actions: list[Action] = []
-        if self._active_response is not None:
+        if self._active_response is not None and self._active_response != self._client_cancelled:
             actions.append(ToUpstream(self.own_event("response.cancel")))
         for item in [i for i in self._items.values() if i.response_id in responses]:
             if item.response_id in self._done and item.queued_frames == 0 and item.heard_ms >= item.received_ms:
@@ -411,6 +414,8 @@ class CallCore:
             )))], None
         if kind == "output_audio_buffer.clear":
             return self.flush(), None
+        if kind == "response.cancel":
+            self._client_cancelled = self._active_response
         refusal = self.policy.check(event)
         if refusal is not None:
             self.stats.client_errors += 1

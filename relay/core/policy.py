@@ -153,8 +153,9 @@ def named(item: dict[str, Any], names: set[str]) -> bool:
 
 def kept_message(params: list[str]) -> str:
     """What a `relay.policy.fields_kept` event says."""
-    return (f"{', '.join(params)} {'is' if len(params) == 1 else 'are'} set by the operator of this relay and "
-            "stayed as they were; the rest of the event was applied.")
+    one = len(params) == 1
+    return (f"{', '.join(params)} {'is' if one else 'are'} set by the operator of this relay and stayed as "
+            f"{'it was' if one else 'they were'}; the rest of the event was applied.")
 
 
 def starting_session(operator: dict[str, Any], offered: dict[str, Any] | None, token: dict[str, Any] | None,

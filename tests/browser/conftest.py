@@ -1,44 +1,15 @@
-"""The browser tests' world: a network namespace with only `lo`, the simulator and `relay serve` inside it, and
-Debian's Chromium started inside it too (through a wrapper script), so no WebRTC packet can leave loopback.
-
-Playwright talks to Chromium over a pipe, so the test process itself stays outside the namespace; it reads the
-simulator's records through `ip netns exec`.
-"""
+"""The browser tests' fixtures: each module gets a world of its own (harness.py: a network namespace with only `lo`,
+the simulator, `relay serve` set up for that module, Chromium inside it)."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
-import sys
-import wave
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from tests.processes import clean_env, stop_all, wait_for_line
-
-ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = ROOT / "test-artifacts"
-SIM_PORT, RELAY_PORT = 8090, 8080
-CHROMIUM_FLAGS = [
-    "--no-sandbox",  # CI runs as root
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-    "--allow-loopback-in-peer-connection",
-    "--autoplay-policy=no-user-gesture-required",
-    # Off the network: no background requests, updates, sync or first-run pages.
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-default-apps",
-    "--no-first-run",
-    "--disable-gpu",
-]
+from tests.browser import agents_sdk
+from tests.browser.harness import ARTIFACTS, Stack, browser_stack, chromium, missing_requirements
 
 
 def _unavailable(reason: str) -> None:
@@ -49,98 +20,34 @@ def _unavailable(reason: str) -> None:
 
 
 def _check_requirements() -> None:
-    if not CHROMIUM.exists():
-        _unavailable(f"{CHROMIUM} not found (apt-get install chromium)")
-    try:
-        import playwright.async_api  # noqa: F401
-    except ImportError:
-        _unavailable("the playwright package is not installed (pip install -e '.[test]')")
-    if os.geteuid() != 0 or not shutil.which("ip"):
-        _unavailable("network namespaces need root and iproute2's `ip`")
-
-
-@dataclass
-class Stack:
-    ns: str
-    chromium: Path  # a wrapper that runs Chromium inside the namespace
-    mic_wav: Path
-    relay_url: str = f"http://127.0.0.1:{RELAY_PORT}"
-    sim_url: str = f"http://127.0.0.1:{SIM_PORT}"
-
-    def http_get(self, url: str) -> bytes:
-        """GET inside the namespace (where the relay and the simulator are)."""
-        code = "import sys, urllib.request; sys.stdout.buffer.write(urllib.request.urlopen(sys.argv[1], timeout=5).read())"
-        result = subprocess.run(["ip", "netns", "exec", self.ns, sys.executable, "-c", code, url],
-                                capture_output=True, timeout=20, check=True)
-        return result.stdout
-
-    def sim_sessions(self) -> list[dict]:
-        return json.loads(self.http_get(f"{self.sim_url}/v1/simulator/sessions"))
-
-    def sim_received(self, session_id: str) -> list[dict]:
-        return json.loads(self.http_get(f"{self.sim_url}/v1/simulator/sessions/{session_id}"))["received"]
-
-    def sim_audio(self, session_id: str) -> np.ndarray:
-        data = self.http_get(f"{self.sim_url}/v1/simulator/sessions/{session_id}/input_audio.wav")
-        body = data[data.index(b"data") + 8:]
-        return np.frombuffer(body[: len(body) // 2 * 2], dtype="<i2")
-
-
-def _speaking_microphone(path: Path) -> None:
-    """Chromium loops this file as its microphone: a second of silence, speech, then silence for the VAD."""
-    with wave.open(str(ROOT / "tests/fixtures/speech_hello_48k.wav")) as w:
-        hello = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
-    signal = np.concatenate([np.zeros(48000, "<i2"), hello, np.zeros(int(48000 * 2.5), "<i2")])
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(48000)
-        w.writeframes(signal.tobytes())
+    if reason := missing_requirements():
+        _unavailable(reason)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
+    """The bundled page's world: a demo relay where the page's visitor sets the instructions (the locks have their
+    own test)."""
     _check_requirements()
-    tmp = tmp_path_factory.mktemp("browser")
-    ns = f"relay-browser-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    processes: list[subprocess.Popen] = []
-    try:
-        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
-        wrapper = tmp / "chromium-in-netns"
-        wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {ns} {CHROMIUM} "$@"\n')
-        wrapper.chmod(0o755)
-        mic = tmp / "microphone.wav"
-        _speaking_microphone(mic)
-        env = clean_env()
-        sim_log, relay_log = tmp / "simulator.log", tmp / "relay.log"
-        processes.append(subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "relay", "simulator", "--port", str(SIM_PORT)],
-            stdout=subprocess.DEVNULL, stderr=sim_log.open("w"), env=env, cwd=ROOT))
-        wait_for_line(sim_log, "simulator listening", processes[-1])
-        relay_env = env | {"RELAY_UPSTREAM_URL": f"ws://127.0.0.1:{SIM_PORT}/v1/realtime?model=gpt-realtime",
-                           "RELAY_ICE_ADDRESSES": "127.0.0.1",
-                           # A demo relay: the page's visitor sets the instructions (the locks have their own test).
-                           "RELAY_CLIENT_SESSION_FIELDS": "*"}
-        processes.append(subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "relay", "serve", "--port", str(RELAY_PORT)],
-            stdout=subprocess.DEVNULL, stderr=relay_log.open("w"), env=relay_env, cwd=ROOT))
-        wait_for_line(relay_log, "relay listening", processes[-1])
-        yield Stack(ns, wrapper, mic)
-    finally:
-        stop_all(processes, timeout=10)
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+    with browser_stack(tmp_path_factory.mktemp("browser"), {"RELAY_CLIENT_SESSION_FIELDS": "*"}) as world:
+        yield world
+
+
+@pytest.fixture(scope="module")
+def sdk_stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
+    """OpenAI's browser SDK on a page of another origin, against a relay as an operator runs it (agents_sdk.py)."""
+    _check_requirements()
+    if reason := agents_sdk.missing_sdk():
+        _unavailable(reason)
+    agents_sdk.build_bundle()
+    with browser_stack(tmp_path_factory.mktemp("sdk"), agents_sdk.relay_env(), agents_sdk.SDK_DIR) as world:
+        yield world
 
 
 @pytest.fixture
 async def browser(stack: Stack):
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=str(stack.chromium), headless=True,
-            args=CHROMIUM_FLAGS + [f"--use-file-for-fake-audio-capture={stack.mic_wav}"],
-        )
+    async with chromium(stack, stack.mic_wav) as browser:
         yield browser
-        await browser.close()
 
 
 class Page:

@@ -8,6 +8,8 @@ import json
 
 import numpy as np
 
+from tests.browser.harness import ARTIFACTS
+
 STATS = """async () => {
   const report = await window.relayApp.pc.getStats();
   let packets = 0, energy = 0;
@@ -20,32 +22,20 @@ def dbfs(samples: np.ndarray) -> float:
     return 10 * np.log10(np.mean(samples.astype(np.float64) ** 2) / 32768**2 + 1e-12)
 
 
-async def _latest_session(stack) -> str:
-    for _ in range(50):
-        sessions = stack.sim_sessions()
-        if sessions and sessions[-1]["ended_at"] is None:
-            return sessions[-1]["session_id"]
-        await asyncio.sleep(0.1)
-    raise AssertionError("no live simulator session")
-
-
-async def _received_types(stack, session_id: str) -> list[str]:
-    return [e.get("type") for e in stack.sim_received(session_id) if e.get("type") != "input_audio_buffer.append"]
+def _received_types(stack, session_id: str) -> list[str]:
+    return [e.get("type") for e in stack.sim_events(session_id)]
 
 
 async def _until_received(stack, session_id: str, wanted: set[str], after: int, timeout: float = 10.0) -> list[str]:
     """The upstream event types received after index `after`, once all of `wanted` are among them."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        types = (await _received_types(stack, session_id))[after:]
-        if wanted <= set(types) or asyncio.get_running_loop().time() > deadline:
-            return types
-        await asyncio.sleep(0.2)
+    received = await stack.received_until(
+        session_id, lambda events: wanted <= {e.get("type") for e in events[after:]}, timeout)
+    return [e.get("type") for e in received[after:]]
 
 
 async def test_talking_to_the_model_from_the_page(page, stack):
     await page.open_and_connect()
-    session_id = await _latest_session(stack)
+    session_id = await stack.live_session()
     p = page.page
     # Both sides of the transcript: the simulator transcribes the speech and echoes it.
     await p.wait_for_selector("#transcript li.user >> text=/\\[speech \\d+\\.\\d+ s\\]/", timeout=30_000)
@@ -79,7 +69,7 @@ async def test_talking_to_the_model_from_the_page(page, stack):
 
 async def test_mute_reply_now_interrupt_and_push_to_talk(page, stack):
     await page.open_and_connect()
-    session_id = await _latest_session(stack)
+    session_id = await stack.live_session()
     p = page.page
 
     # Mute: the microphone track is disabled, so the upstream hears silence.
@@ -92,7 +82,7 @@ async def test_mute_reply_now_interrupt_and_push_to_talk(page, stack):
     assert await p.get_attribute("#mute", "aria-pressed") == "false"
 
     # Reply now: commit + response.create.
-    before = len(await _received_types(stack, session_id))
+    before = len(_received_types(stack, session_id))
     await p.click("#reply")
     types = await _until_received(stack, session_id, {"input_audio_buffer.commit", "response.create"}, before)
     assert types[:2] == ["input_audio_buffer.commit", "response.create"]
@@ -100,7 +90,7 @@ async def test_mute_reply_now_interrupt_and_push_to_talk(page, stack):
     # Interrupt while the model speaks: the page cancels and clears; the relay truncates what was heard.
     count = len(await page.event_types())
     await page.wait_for_event("output_audio_buffer.started", after=count, timeout=30_000)
-    before = len(await _received_types(stack, session_id))
+    before = len(_received_types(stack, session_id))
     await p.click("#interrupt")
     types = await _until_received(stack, session_id, {"response.cancel"}, before)
     assert "response.cancel" in types
@@ -111,7 +101,7 @@ async def test_mute_reply_now_interrupt_and_push_to_talk(page, stack):
 
     # Push to talk: turn detection off; hold (button, then space bar), release -> commit + response.create.
     await p.select_option("#turn", "push_to_talk")
-    before = len(await _received_types(stack, session_id))
+    before = len(_received_types(stack, session_id))
     await p.click("#apply")
     types = await _until_received(stack, session_id, {"session.update"}, before)
     update = next(e for e in stack.sim_received(session_id)[::-1] if e.get("type") == "session.update")
@@ -127,7 +117,7 @@ async def test_mute_reply_now_interrupt_and_push_to_talk(page, stack):
         await p.keyboard.down("Space")
 
     for press, release in [(hold_button, p.mouse.up), (hold_space, lambda: p.keyboard.up("Space"))]:
-        before = len(await _received_types(stack, session_id))
+        before = len(_received_types(stack, session_id))
         await press()
         await asyncio.sleep(2.0)
         await release()
@@ -148,7 +138,7 @@ async def test_operator_locks_disable_controls_with_an_explanation(page, stack):
     assert await p.is_visible('.locked-note[data-for="instructions"]')
     assert "operator" in await p.inner_text('.locked-note[data-for="voice"]')
     assert await p.is_enabled("#turn") and not await p.is_visible('.locked-note[data-for="turn_detection"]')
-    session_id = await _latest_session(stack)
+    session_id = await stack.live_session()
     assert "session.update" in await _until_received(stack, session_id, {"session.update"}, 0)
     update = next(e for e in stack.sim_received(session_id) if e.get("type") == "session.update")
     assert "instructions" not in update["session"] and "voice" not in update["session"]["audio"]["output"]
@@ -173,7 +163,6 @@ async def test_phone_width_keyboard_and_labels(browser, stack):
     assert await p.evaluate("document.activeElement.id") == "connect"
     await p.keyboard.press("Enter")
     await p.wait_for_selector('#state[data-state="connected"]', timeout=20_000)
-    from tests.browser.conftest import ARTIFACTS
     ARTIFACTS.mkdir(exist_ok=True)
     await p.screenshot(path=str(ARTIFACTS / "browser-phone.png"), full_page=True)
     await p.click("#disconnect")

@@ -212,6 +212,27 @@ def test_client_clear_flushes_like_a_barge_in():
     assert [e["type"] for e in upstream(actions)] == ["response.cancel", "conversation.item.truncate"]
 
 
+def test_an_sdks_interrupt_cancels_once():
+    """OpenAI's SDKs interrupt with response.cancel, then output_audio_buffer.clear: the client's cancel goes up,
+    the flush adds none of its own (it could only be refused), and still truncates to what was heard."""
+    core = CallCore()
+    start_response(core)
+    core.on_audio("resp_1", "item_1", frames(10), source_ms=200)
+    play(core, 3)
+    cancel = json.dumps({"type": "response.cancel", "event_id": "c1"})
+    assert core.on_client_event(cancel) == ([], cancel)
+    actions, _ = core.on_client_event(json.dumps({"type": "output_audio_buffer.clear"}))
+    assert [e["type"] for e in upstream(actions)] == ["conversation.item.truncate"]
+    assert client_types(actions) == ["relay.item.truncated", "output_audio_buffer.cleared"]
+    # The next response is the relay's to cancel again.
+    done(core)
+    start_response(core, "resp_2")
+    core.on_audio("resp_2", "item_2", frames(10), source_ms=200)
+    play(core, 3)
+    actions, _ = core.on_client_event(json.dumps({"type": "output_audio_buffer.clear"}))
+    assert [e["type"] for e in upstream(actions)] == ["response.cancel", "conversation.item.truncate"]
+
+
 def test_state_is_forgotten_after_each_response():
     core = CallCore()
     for n in range(100):
