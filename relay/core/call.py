@@ -414,7 +414,7 @@ class CallCore:
             )))], None
         if kind == "output_audio_buffer.clear":
             return self.flush(), None
-        if kind == "response.cancel":
+        if kind == "response.cancel" and event.get("response_id") in (None, self._active_response):
             self._client_cancelled = self._active_response
         refusal = self.policy.check(event)
         if refusal is not None:

@@ -164,16 +164,20 @@ def starting_session(operator: dict[str, Any], offered: dict[str, Any] | None, t
     then the creator's offer merged on top of both — a backend's (API key) as it is, a client's less what would
     change a locked value (as for a session.update). `model` is left out: the call's model is chosen apart."""
     base = merge(operator, {k: v for k, v in (token or {}).items() if k != "model"})
-    offered = {k: v for k, v in (offered or {}).items() if k != "model"}
+    offered = dict(offered or {})
+    model = offered.pop("model", None)
     kept = [] if trusted else policy.keep_locked_fields(offered, base, "session")
+    if model is not None and "model" in (token or {}) and model != token["model"]:
+        kept.insert(0, "session.model")  # see call_model
     return (merge(base, offered) or None), kept
 
 
 
 def call_model(offered: dict[str, Any] | None, token: dict[str, Any] | None, allowed: list[str]) -> str | None | Refusal:
-    """The model a new call asks for: its offer's `session.model`, else its client secret's, else None (the relay's
-    default); a Refusal when that is not one of `allowed` (`*`: any)."""
-    model = next((s["model"] for s in (offered, token) if s and s.get("model") is not None), None)
+    """The model a new call asks for: its client secret's `session.model` (the backend's choice, kept like the
+    secret's other settings), else its offer's, else None (the relay's default); a Refusal when that is not one of
+    `allowed` (`*`: any)."""
+    model = next((s["model"] for s in (token, offered) if s and s.get("model") is not None), None)
     if model is None:
         return None
     if isinstance(model, str) and ("*" in allowed and MODEL_NAME.fullmatch(model) or model in allowed):

@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from relay.config import Settings
 from relay.core.call import with_tools
-from relay.core.policy import call_model
-from relay.protocol import new_id
+from relay.core.policy import EventPolicy, call_model
+from relay.protocol import ProtocolError, new_id, parse_client_event
 from relay.protocol.session import filled_in, merge
 from relay.server.errors import error_response
 from relay.server.workers import FORWARDED, Worker, forward
@@ -60,6 +60,7 @@ class Claims:
     nonce: str
     expires_at: int
     session: dict[str, Any] | None = None
+    single_use: bool = False  # minted so: used at most once, at the worker that minted it, whatever checks it
 
 
 def _b64(data: bytes) -> str:
@@ -90,7 +91,8 @@ class Tokens:
                 raise TokenError("Too many client secrets are outstanding; try again later.")
         nonce = secrets.token_urlsafe(12)
         expires_at = int(now + ttl_s)
-        claims = json.dumps({"w": self.worker, "n": nonce, "exp": expires_at, "s": session}, separators=(",", ":"))
+        claims = json.dumps({"w": self.worker, "n": nonce, "exp": expires_at, "s": session, "su": self.single_use},
+                            separators=(",", ":"))
         iv = os.urandom(12)
         token = TOKEN_PREFIX + _b64(iv + self._aead.encrypt(iv, zlib.compress(claims.encode()), _AAD))
         if len(token) > MAX_TOKEN_CHARS:
@@ -107,7 +109,7 @@ class Tokens:
             claims = json.loads(zlib.decompress(self._aead.decrypt(sealed[:12], sealed[12:], _AAD)))
             session = claims["s"]
             result = Claims(int(claims["w"]), str(claims["n"]), int(claims["exp"]),
-                            session if isinstance(session, dict) else None)
+                            session if isinstance(session, dict) else None, claims.get("su") is True)
         except (ValueError, KeyError, TypeError, binascii.Error, InvalidTag, zlib.error):
             raise TokenError("The client secret is not valid.") from None
         if now >= result.expires_at:
@@ -158,7 +160,7 @@ def ttl_of(body: Any, default_s: int) -> int:
     expires_after = body.get("expires_after") if isinstance(body, dict) else None
     if expires_after is None:
         return default_s
-    seconds = expires_after.get("seconds") if isinstance(expires_after, dict) else None
+    seconds = expires_after.get("seconds", default_s) if isinstance(expires_after, dict) else None
     anchor = expires_after.get("anchor", "created_at") if isinstance(expires_after, dict) else None
     if anchor != "created_at" or not isinstance(seconds, int) or isinstance(seconds, bool) \
             or not MIN_TTL_S <= seconds <= MAX_TTL_S:
@@ -249,7 +251,7 @@ async def _with_token(request: web.Request, handler, token: str, worker: Worker,
         return refusal(401, "invalid_client_secret", str(exc))
     if not creating:
         return await handler(request)  # open access: a token is as good as nothing
-    if tokens.single_use:
+    if claims.single_use:  # as minted, whatever this relay's own setting (relays may differ during a change)
         if claims.worker != worker.index:
             if claims.worker >= worker.count or FORWARDED in request.headers:
                 return refusal(401, "invalid_client_secret", "The client secret is not valid.")
@@ -264,14 +266,18 @@ async def _with_token(request: web.Request, handler, token: str, worker: Worker,
 
 
 async def _token_on_its_call(request: web.Request, handler, token: str, calls_key: web.AppKey):
-    """A used client secret still works for its own call (to hang it up), however long the call lasts."""
+    """A client secret ends the calls it created (hangup, DELETE), however long they last; nothing else (a
+    transcript needs a key)."""
     call_id = request.match_info.get("call_id")
+    ending = request.method == "DELETE" or (request.method == "POST" and request.path.endswith("/hangup"))
+    if not ending:
+        return refusal(401, "invalid_api_key", "A client secret is good for creating calls and ending them only.")
     call = request.app[calls_key].get(call_id) if call_id else None
     if call is None and call_id:
         return await handler(request)  # another worker's call (forwarded there, and checked there) or none: 404
     if call is not None and call.token_nonce is not None and call.token_nonce == request.app[TOKENS].signed_nonce(token):
         return await handler(request)
-    return refusal(401, "invalid_api_key", "A client secret is good for creating its call and ending it only.")
+    return refusal(401, "invalid_api_key", "A client secret ends the calls it created, and no other.")
 
 
 def may_call(request: web.Request) -> bool:
@@ -300,7 +306,7 @@ async def client_secrets(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
     try:
         body = await request.json() if request.can_read_body else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         return error_response(400, "invalid_json", "The body is not valid JSON.")
     if not isinstance(body, dict):
         return error_response(400, "invalid_type", "The body must be a JSON object.")
@@ -314,6 +320,12 @@ async def client_secrets(request: web.Request) -> web.Response:
     if session is not None and session.get("type", "realtime") != "realtime":
         return error_response(400, "invalid_value", "This relay makes realtime sessions only ('type': "
                               "'realtime'); transcription sessions are not supported.", param="session.type")
+    try:  # refused now, as OpenAI does, rather than at every call made with it
+        parse_client_event({"type": "session.update", "session": {"type": "realtime", **(session or {})}})
+    except ProtocolError as exc:
+        return error_response(400, exc.code, exc.message, param=exc.param)
+    if session is not None and BACKEND not in request:  # open access: whoever mints is a client, not a backend
+        EventPolicy(settings.client_session_fields).keep_locked_fields(session, settings.session, "session")
     model = call_model(None, session, [*settings.models, settings.model])
     if not isinstance(model, (str, type(None))):
         return error_response(400, model.code, model.message, param=model.param)

@@ -131,6 +131,47 @@ async def test_a_client_secret_lasts_ten_minutes_by_default_and_names_known_mode
     assert (status, body["error"]["param"]) == (400, "session.type")
 
 
+async def test_a_client_secret_ends_its_calls_and_reads_no_transcript(relay):
+    app, url = relay
+    secret = (await mint(url))["value"]
+    call = await call_relay(url, headers=bearer(secret))
+    try:
+        for path in (f"/v1/realtime/calls/{call.call_id}/transcript", "/v1/realtime/calls/rtc_0ended/transcript"):
+            status, body, _ = await request("GET", url + path, bearer(secret))
+            assert (status, body["error"]["code"]) == (401, "invalid_api_key")
+        assert (await request("DELETE", f"{url}/v1/realtime/calls/{call.call_id}", bearer(secret)))[0] == 204
+    finally:
+        await call.close()
+
+
+async def test_a_session_the_service_would_refuse_is_refused_at_minting(relay):
+    app, url = relay
+    for session, param in (({"audio": {"output": {"voice": 5}}}, "session.audio.output.voice"),
+                           ({"audio": "x"}, "session.audio"), ({"voice": "alloy"}, "session.voice")):
+        status, body, _ = await request("POST", f"{url}/v1/realtime/client_secrets", bearer(KEY),
+                                        json={"session": {"type": "realtime", **session}})
+        assert (status, body["error"]["param"]) == (400, param), body
+    # OpenAI's default when expires_after names no seconds.
+    secret = await mint(url, expires_after={"anchor": "created_at"})
+    assert abs(secret["expires_at"] - (time.time() + 600)) < 5
+
+
+async def test_with_open_access_whoever_mints_is_a_client(simulator):
+    operator = {"instructions": "You are Ada."}
+    app, runner, url = await _serve(relay_settings(simulator.url + "?model=gpt-realtime", session=json.dumps(operator)))
+    try:
+        status, secret, _ = await request("POST", f"{url}/v1/realtime/client_secrets",
+                                          json={"session": {"type": "realtime", "instructions": "EVIL"}})
+        assert status == 200 and secret["session"]["instructions"] == "You are Ada."
+        call = await call_relay(url, headers=bearer(secret["value"]))
+        try:
+            assert (await call.wait_for("session.created"))["session"]["instructions"] == "You are Ada."
+        finally:
+            await call.close()
+    finally:
+        await runner.cleanup()
+
+
 async def test_a_single_use_client_secret_makes_one_call(simulator):
     app, runner, url = await _serve(relay_settings(simulator.url + "?model=gpt-realtime", api_keys=KEY,
                                                    client_secret_single_use="true"))

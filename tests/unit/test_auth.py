@@ -93,6 +93,19 @@ def test_open_access_only_on_loopback_or_when_asked_for():
         Settings.load(env={}, allowed_origins="https://app.example.com/path")
 
 
+def test_a_short_token_secret_is_refused_at_start():
+    with pytest.raises(SettingsError, match="token_secret.*at least 32 characters"):
+        Settings.load(env={"RELAY_TOKEN_SECRET": "password123"})
+    assert Settings.load(env={"RELAY_TOKEN_SECRET": "x" * 32}).token_secret is not None
+
+
+def test_a_single_use_token_says_so_itself_whatever_the_relay_that_checks_it():
+    single, _ = Tokens(b"secret", single_use=True).mint(None, 60, now=0.0)
+    many, _ = Tokens(b"secret").mint(None, 60, now=0.0)
+    checker = Tokens(b"secret")  # a relay of the other setting, sharing the secret
+    assert checker.check(single, now=1.0).single_use and not checker.check(many, now=1.0).single_use
+
+
 def test_workers_get_one_token_secret_and_never_the_keys_in_their_settings(tmp_path):
     settings = Settings.load(env={"RELAY_API_KEYS": "k1"})
     env = _child_env(settings, 8080, 0, 2, tmp_path, "shared")

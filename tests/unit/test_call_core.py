@@ -224,8 +224,16 @@ def test_an_sdks_interrupt_cancels_once():
     actions, _ = core.on_client_event(json.dumps({"type": "output_audio_buffer.clear"}))
     assert [e["type"] for e in upstream(actions)] == ["conversation.item.truncate"]
     assert client_types(actions) == ["relay.item.truncated", "output_audio_buffer.cleared"]
-    # The next response is the relay's to cancel again.
+    # A cancel naming another response is not this one's: the relay still cancels it.
     done(core)
+    start_response(core, "resp_3")
+    core.on_audio("resp_3", "item_3", frames(10), source_ms=200)
+    play(core, 3)
+    core.on_client_event(json.dumps({"type": "response.cancel", "response_id": "resp_other"}))
+    actions, _ = core.on_client_event(json.dumps({"type": "output_audio_buffer.clear"}))
+    assert [e["type"] for e in upstream(actions)] == ["response.cancel", "conversation.item.truncate"]
+    # The next response is the relay's to cancel again.
+    done(core, "resp_3")
     start_response(core, "resp_2")
     core.on_audio("resp_2", "item_2", frames(10), source_ms=200)
     play(core, 3)

@@ -201,11 +201,16 @@ def test_a_calls_starting_session():
     assert starting_session({}, None, None, policy, trusted=False) == (None, [])
 
 
-def test_a_calls_model_comes_from_its_offer_then_its_client_secret():
+def test_a_calls_model_comes_from_its_client_secret_then_its_offer():
     allowed = ["gpt-realtime", "gpt-realtime-mini"]
     assert call_model(None, None, allowed) is None  # the relay's default
-    assert call_model({"model": "gpt-realtime-mini"}, {"model": "gpt-realtime"}, allowed) == "gpt-realtime-mini"
+    assert call_model({"model": "gpt-realtime-mini"}, None, allowed) == "gpt-realtime-mini"
+    assert call_model({"model": "gpt-realtime"}, {"model": "gpt-realtime-mini"}, allowed) == "gpt-realtime-mini"
     assert call_model({"instructions": "x"}, {"model": "gpt-realtime-mini"}, allowed) == "gpt-realtime-mini"
+    # The offer's other model is reported as kept, like any setting of the secret's.
+    token = {"model": "gpt-realtime-mini"}
+    assert starting_session({}, {"model": "gpt-realtime"}, token, EventPolicy(), trusted=False)[1] == ["session.model"]
+    assert starting_session({}, {"model": "gpt-realtime-mini"}, token, EventPolicy(), trusted=False)[1] == []
     for bad in ("gpt-4o", 7, ["gpt-realtime"], ""):
         refusal = call_model({"model": bad}, None, allowed)
         assert isinstance(refusal, Refusal) and (refusal.code, refusal.param) == ("invalid_value", "session.model")
