@@ -1,3 +1,4 @@
 """relay: a WebRTC relay between clients and Realtime speech-to-speech models."""
 
-__version__ = "0.1.0"
+# Semantic versioning; each release is described in CHANGELOG.md.
+__version__ = "0.2.0"

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -106,6 +107,13 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"relay: tools ({Settings.env_name('tools')}): {exc}", file=sys.stderr)
             return 2
     if settings.workers > 1 and "RELAY_WORKER_INDEX" not in os.environ:
+        try:
+            tempfile.gettempdir()  # the workers' sockets and metrics files go there
+        except FileNotFoundError:
+            print(f"relay: {settings.workers} workers need a writable temporary directory (TMPDIR, else /tmp) and "
+                  "none is: on a read-only root, mount one (docker run --tmpfs /tmp; Kubernetes: an emptyDir "
+                  "volume at /tmp), or run one worker (RELAY_WORKERS=1)", file=sys.stderr)
+            return 2
         from relay.server.workers import run_master  # the master stays small: no aiortc, no PyAV
 
         return run_master(settings)

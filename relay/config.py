@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import re
+from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from urllib.parse import urlsplit
@@ -29,6 +30,30 @@ DEFAULT_PRICES = {
 }
 
 
+def cpu_limit(cgroup: str = "/sys/fs/cgroup") -> int | None:
+    """The whole CPUs this process's cgroup may use (a container's --cpus, a pod's CPU limit: cgroup v2's cpu.max,
+    v1's cfs quota), at least 1; None without a quota."""
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us"),
+                                    ("cpu,cpuacct/cpu.cfs_quota_us", "cpu,cpuacct/cpu.cfs_period_us")):
+        try:
+            fields = Path(cgroup, quota_file).read_text().split()
+            if period_file is not None:
+                fields.append(Path(cgroup, period_file).read_text().strip())
+            quota, period = fields[0], int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if quota in ("max", "-1") or period <= 0:
+            return None
+        return max(1, int(quota) // period)
+    return None
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may use: the cores it may run on, fewer under a CPU quota."""
+    cores = len(os.sched_getaffinity(0))
+    return min(62, cores, cpu_limit() or cores)
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -46,8 +71,9 @@ class Settings(BaseModel):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8080, ge=0, le=65535, description="port to listen on (0: any free port)")
     workers: int = Field(
-        default_factory=lambda: min(62, len(os.sched_getaffinity(0))), ge=1, le=62, validate_default=True,
-        description="worker processes sharing the port, one per core (default: the cores this process may use)",
+        default_factory=default_workers, ge=1, le=62, validate_default=True,
+        description="worker processes sharing the port, one per core (default: the cores this process may use, or "
+        "its CPU quota in whole CPUs, at least 1, where a container or pod has one)",
     )
     drain_timeout_s: float = Field(
         30.0, ge=0, le=86400, description="on SIGTERM, how long live calls may go on (new calls get 503, /readyz "
@@ -334,6 +360,15 @@ class Settings(BaseModel):
             match = TURN_URL.fullmatch(url)
             if match is None or not 0 < int(match["port"] or 3478) < 65536:
                 raise ValueError(f"{url!r} is not a TURN URL (turn:HOST[:PORT][?transport=udp|tcp] or turns:…)")
+        return value
+
+    @field_validator("token_secret")
+    @classmethod
+    def _strong_token_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        """Anyone holding one client secret may try guesses offline (a right guess opens it), and a found secret
+        forges any session for any relay sharing it: no short ones."""
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("use at least 32 characters (e.g. openssl rand -hex 32)")
         return value
 
     @model_validator(mode="after")

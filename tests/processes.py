@@ -47,11 +47,13 @@ def wait_for_line(log: Path, text: str, process: subprocess.Popen, timeout: floa
 
 
 @contextlib.asynccontextmanager
-async def relay_serve(*args: str, env: dict[str, str], timeout: float = 30.0) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, str]]:
-    """`relay serve --port 0 ARGS` as a process: yields it, its base URL and its `relay listening` log line.
-    The process is killed on the way out if the test did not end it."""
+async def relay_serve(*args: str, env: dict[str, str], timeout: float = 30.0,
+                      command: tuple[str, ...] = (sys.executable, "-m", "relay"), cwd: Path | None = None,
+                      ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, str]]:
+    """`relay serve --port 0 ARGS` as a process (`command`: another installation's `relay`): yields it, its base URL
+    and its `relay listening` log line. The process is killed on the way out if the test did not end it."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relay", "serve", "--port", "0", *args, env=env, stderr=subprocess.PIPE)
+        *command, "serve", "--port", "0", *args, env=env, stderr=subprocess.PIPE, cwd=cwd)
     try:
         async with asyncio.timeout(timeout):
             while True:

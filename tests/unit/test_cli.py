@@ -105,6 +105,21 @@ def test_serve_with_a_directory_it_cannot_use_exits_2_naming_it(tmp_path):
         assert env in result.stderr and "cannot use" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_serve_with_workers_and_no_writable_temporary_directory_exits_2_saying_what_to_mount(monkeypatch, capsys):
+    import tempfile
+
+    from relay.cli import main
+
+    def no_directory() -> str:  # what tempfile says on a read-only root without a /tmp mount
+        raise FileNotFoundError(2, "No usable temporary directory found in ['/tmp', '/var/tmp', '/usr/tmp', '/']")
+
+    monkeypatch.setattr(tempfile, "gettempdir", no_directory)
+    monkeypatch.delenv("RELAY_WORKER_INDEX", raising=False)
+    assert main(["serve", "--port", "0", "--workers", "2"]) == 2
+    stderr = capsys.readouterr().err
+    assert len(stderr.splitlines()) == 1 and "--tmpfs /tmp" in stderr and "RELAY_WORKERS=1" in stderr
+
+
 def test_simulator_bad_knob_value_exits_2():
     result = run_relay([sys.executable, "-m", "relay"], "simulator", "--speed", "fast")
     assert result.returncode == 2

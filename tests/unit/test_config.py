@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.config import Settings, SettingsError
+from relay.config import Settings, SettingsError, cpu_limit, default_workers
 from relay.upstream.target import UpstreamTarget, choose_upstream
 
 CANARY = "sk-canary-123"
@@ -17,6 +17,33 @@ def test_defaults():
     assert settings.model == "gpt-realtime"
     assert settings.openai_api_key is None and settings.upstream_url is None
     assert settings.upstream_auth_header == "Authorization"
+
+
+@pytest.mark.parametrize(("files", "cpus"), [
+    ({"cpu.max": "50000 100000\n"}, 1),  # cgroup v2, --cpus 0.5: at least one
+    ({"cpu.max": "200000 100000\n"}, 2),  # a pod limited to 2 CPUs
+    ({"cpu.max": "150000 100000\n"}, 1),  # whole CPUs only
+    ({"cpu.max": "max 100000\n"}, None),  # no quota
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),  # cgroup v1
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),  # no cgroup file system
+])
+def test_the_cpu_limit_is_the_cgroup_quota_in_whole_cpus(tmp_path, files, cpus):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_limit(str(tmp_path)) == cpus
+
+
+def test_the_default_worker_count_follows_a_cpu_quota_below_the_cores(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr("relay.config.cpu_limit", lambda: 2)
+    assert default_workers() == 2 and Settings.load(env={}).workers == 2  # not 62 on a 64-core node
+    monkeypatch.setattr("relay.config.cpu_limit", lambda: None)
+    assert default_workers() == 62
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr("relay.config.cpu_limit", lambda: 8)  # a quota above the cores it may run on
+    assert default_workers() == 2
 
 
 def test_env_applies():
