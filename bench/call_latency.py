@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aiohttp import web  # noqa: E402
 
 from relay.config import Settings  # noqa: E402
-from relay.server import calls as calls_module  # noqa: E402
+from relay.call.call import Call  # noqa: E402
 from relay.server.app import create_app  # noqa: E402
+from relay.server.calls import CALLS  # noqa: E402
 from relay.simulator.config import SimConfig  # noqa: E402
 from relay.simulator.server import start_simulator  # noqa: E402
 from relay.upstream.target import choose_upstream  # noqa: E402
@@ -100,8 +101,8 @@ async def through_relay(count: int) -> dict:
                              calls_per_ip_per_s="100000")
     timings = Timings()
     timings.wrap(inbound_module.InboundAudio, "add", "inbound per packet")
-    timings.wrap(calls_module.Call, "_on_audio_delta", "outbound per delta")
-    timings.wrap(calls_module.Call, "_next_frame", "outbound per tick")
+    timings.wrap(Call, "on_audio_delta", "outbound per delta")
+    timings.wrap(Call, "next_frame", "outbound per tick")
     app = create_app(settings, choose_upstream(settings))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -110,7 +111,7 @@ async def through_relay(count: int) -> dict:
     call = await call_relay(url)
     await call.wait_for("session.created")
     await asyncio.sleep(1.0)  # let ICE, DTLS and the first packets settle
-    relay_call = next(iter(app[calls_module.CALLS].values()))
+    relay_call = next(iter(app[CALLS].values()))
     depths: list[int] = []
 
     async def sample_queue() -> None:
@@ -133,11 +134,11 @@ async def through_relay(count: int) -> dict:
     result = {
         "mouth_to_upstream_ms": mouth,
         "round_trip_ms": round_trips(call, count),
-        "lateness_ms": list(relay_call.track.lateness),
+        "lateness_ms": list(relay_call.peer.track.lateness),
         "timings": timings.samples,
-        "inbound_stats": vars(relay_call.inbound.stats),
+        "inbound_stats": vars(relay_call.peer.inbound.stats),
         "playout_queue_frames": depths,
-        "playout_reanchors": relay_call.track.reanchors,
+        "playout_reanchors": relay_call.peer.track.reanchors,
         "skipped": relay_call.core.stats.leading_silence_skipped,
     }
     await call.close()
@@ -160,16 +161,16 @@ async def barge_ins(count: int) -> dict:
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     call = await call_relay(f"http://127.0.0.1:{runner.addresses[0][1]}")
     await call.wait_for("session.created")
-    relay_call = next(iter(app[calls_module.CALLS].values()))
+    relay_call = next(iter(app[CALLS].values()))
     # Instrument without touching the relay: when speech_started reaches the core, when frames leave the track.
     event_at: list[float] = []
     frames_out: list[tuple[float, bool]] = []
-    on_event, next_frame = relay_call.core.on_server_event, relay_call._next_frame
+    on_event, next_frame = relay_call.core.on_server_event, relay_call.next_frame
 
-    def on_server_event(event):
+    def on_server_event(event, now=None):
         if event.get("type") == "input_audio_buffer.speech_started":
             event_at.append(time.monotonic())
-        return on_event(event)
+        return on_event(event, now)
 
     def timed_next_frame():
         frame = next_frame()
@@ -177,7 +178,7 @@ async def barge_ins(count: int) -> dict:
         return frame
 
     relay_call.core.on_server_event = on_server_event
-    relay_call.track._next_frame = timed_next_frame
+    relay_call.peer.track._next_frame = timed_next_frame
     # Fidelity first, the way a reply is really heard: the model's reply (here the echo of the committed speech)
     # arrives faster than real time and plays from the queue.
     mark = len(call.events)

@@ -36,7 +36,7 @@ from aiohttp import web  # noqa: E402
 from bench.analysis import percentile, run  # noqa: E402
 from bench.peers import PrecodedVoice, connect, encode_opus  # noqa: E402
 from relay.config import Settings  # noqa: E402
-from relay.server import calls as calls_module  # noqa: E402
+from relay.call.upstream import UpstreamLink  # noqa: E402
 from relay.server.app import create_app  # noqa: E402
 from relay.simulator.config import SimConfig  # noqa: E402
 from relay.simulator.server import start_simulator  # noqa: E402
@@ -52,17 +52,17 @@ async def one_call(http: aiohttp.ClientSession, sim_config: SimConfig, query: st
     """A simulator, the relay's app and one client call on loopback: (call, opens), where `opens` gets
     (items replayed, seconds) for every upstream session the relay opens after the call's first."""
     opens: list[tuple[int, float]] = []
-    original = calls_module.Call._open_upstream
+    original = UpstreamLink.open
 
-    async def timed(self, session, replay):
+    async def timed(self, session, replay, from_client=False):
         started = time.perf_counter()
-        result = await original(self, session, replay)
+        result = await original(self, session, replay, from_client)
         opens.append((len(replay), time.perf_counter() - started))
         return result
 
     sim = await start_simulator(sim_config)
     runner, url = await serve(sim.url + "?model=gpt-realtime" + query, **settings)
-    calls_module.Call._open_upstream = timed
+    UpstreamLink.open = timed
     call = None
     try:
         call = await connect(url, PrecodedVoice(encode_opus(np.zeros(960 * 50, "<i2"))), decode=False, http=http)
@@ -74,7 +74,7 @@ async def one_call(http: aiohttp.ClientSession, sim_config: SimConfig, query: st
     finally:
         if call is not None:
             await call.close()
-        calls_module.Call._open_upstream = original
+        UpstreamLink.open = original
         await runner.cleanup()
         await sim.stop()
     del opens[0]  # the call's own first session

@@ -1,6 +1,6 @@
 """Log lines: text (the default) or one JSON object per line, and never a secret.
 
-Call events are logged with `extra={"call_id": …, "event": …, …}` (see relay/server/calls.py). The text format
+Call events are logged with `extra={"call_id": …, "event": …, …}` (see relay/call/). The text format
 shows those fields after the message as `key=value` (the call id is in the message already); the JSON format
 gives every line `ts`, `level`, `logger`, `message`, and the fields (`call_id` when there is one).
 

@@ -13,7 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from relay.config import Settings
-from relay.server.calls import MAX_PENDING_CLIENT_EVENTS, MAX_UPSTREAM_BACKLOG_BYTES, Call
+from relay.call.call import Call
+from relay.call.peer import MAX_PENDING_CLIENT_EVENTS
+from relay.call.upstream import MAX_UPSTREAM_BACKLOG_BYTES
 from relay.tools import Toolbox
 from relay.upstream.target import UpstreamTarget
 from tests.fuzz.strategies import as_text, client_events, server_events
@@ -40,29 +42,29 @@ def a_call(policy_fields: str = "audio,include,max_output_tokens,output_modaliti
     settings = Settings.load(env={}, client_session_fields=policy_fields)
     call = Call(settings, UpstreamTarget("url", "ws://127.0.0.1:9/unused"), on_closed=lambda c: None,
                 toolbox=Toolbox.load(["relay.tools.examples"]))
-    call.channel = RecordingChannel()
+    call.peer.channel = RecordingChannel()
     return call
 
 
 def check(call: Call, caplog) -> None:
-    for text in call.channel.sent:
+    for text in call.peer.channel.sent:
         event = json.loads(text)
         assert isinstance(event, dict) and isinstance(event.get("type"), str)
     # The call's guards log an unhandled exception at ERROR (and tell the client `server_error`).
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records[-1].getMessage()
-    assert len(call._client_pending) <= MAX_PENDING_CLIENT_EVENTS
-    assert call._upstream_outbox_bytes <= MAX_UPSTREAM_BACKLOG_BYTES + 64 * 1024  # the relay's own events may pass
+    assert len(call.peer.pending) <= MAX_PENDING_CLIENT_EVENTS
+    assert call.upstream.outbox_bytes <= MAX_UPSTREAM_BACKLOG_BYTES + 64 * 1024  # the relay's own events may pass
     assert not call.closed.is_set() and call.close_reason is None
 
 
 def replay(call: Call, steps: list[tuple[str, str]]) -> None:
     for side, text in steps:
         if side == "client":
-            call._on_client_message(text)
+            call.peer.on_message(text)
         elif side == "upstream":
-            call._on_upstream_text(text)
+            call.upstream.on_text(text)
         else:
-            call._next_frame()
+            call.next_frame()
 
 
 step = st.one_of(st.tuples(st.just("client"), as_text(client_events)),
@@ -101,10 +103,10 @@ async def test_the_event_policy_refuses_or_forwards_every_client_message(caplog,
     call = a_call(policy_fields="audio")
     try:
         for text in messages:
-            sent, queued = len(call.channel.sent), len(call._upstream_outbox)
-            call._on_client_message(text)
-            answered = [json.loads(t) for t in call.channel.sent[sent:]]
-            forwarded = list(call._upstream_outbox)[queued:]
+            sent, queued = len(call.peer.channel.sent), len(call.upstream.outbox)
+            call.peer.on_message(text)
+            answered = [json.loads(t) for t in call.peer.channel.sent[sent:]]
+            forwarded = list(call.upstream.outbox)[queued:]
             for upstream in forwarded:
                 assert isinstance(json.loads(upstream), dict)
             errors = [e for e in answered if e["type"] == "error"]

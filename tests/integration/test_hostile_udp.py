@@ -74,17 +74,17 @@ async def test_foreign_datagrams_during_and_after_ice_are_dropped_and_the_call_g
         call = await call_relay(url, on_answer=on_answer)
         try:
             (relay_call,) = app[CALLS].values()
-            connection = ice_connection(relay_call)
+            connection = ice_connection(relay_call.peer)
             await call.wait_for("session.created")
             call.mic.say_between(HELLO48, lead_ms=300, tail_ms=1200)
             while not any(e["type"] == "response.done" for e in call.events):
                 queued.append(connection._queue.qsize())
                 await asyncio.sleep(0.05)
                 assert len(queued) < 600, "no reply within 30 s under the flood"
-            assert relay_call.close_reason is None and relay_call.pc.connectionState == "connected"
+            assert relay_call.close_reason is None and relay_call.peer.pc.connectionState == "connected"
             sent = await flooding[0]  # the rest of the flood lands after ICE, on a live call
             assert relay_call.close_reason is None
-            assert relay_call.inbound.stats.packets > 100  # the client's real audio got through all along
+            assert relay_call.peer.inbound.stats.packets > 100  # the client's real audio got through all along
         finally:
             await call.close()
     finally:

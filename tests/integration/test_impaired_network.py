@@ -82,14 +82,14 @@ async def test_five_percent_loss_and_30ms_jitter_keep_the_call_and_audio_both_wa
         await call.wait_for("session.created")
         turns = [await echo_turn(simulator, call, after=len(call.events)) for _ in range(2)]
         (relay_call,) = app[CALLS].values()
-        inbound, outbound = relay_call.inbound.stats, call.receiver.stats
+        inbound, outbound = relay_call.peer.inbound.stats, call.receiver.stats
         print(f"\n5 % loss, 40±30 ms each way: SNR heard by the model {turns[0][0]:.1f} / {turns[1][0]:.1f} dB, by the "
               f"client {turns[0][1]:.1f} / {turns[1][1]:.1f} dB; at the relay {inbound.packets} packets, "
               f"{inbound.lost} lost, {inbound.late} late, {inbound.recovered_ms:.0f} ms rebuilt by Opus; at the "
               f"client {outbound.packets} packets, {outbound.lost} lost, {outbound.late} late; the relay sent "
-              f"{relay_call.track.late_frames} frames late; the NAT dropped {nat.dropped} of "
+              f"{relay_call.peer.track.late_frames} frames late; the NAT dropped {nat.dropped} of "
               f"{nat.to_relay + nat.from_relay} datagrams")
-        assert relay_call.close_reason is None and relay_call.pc.connectionState == "connected"
+        assert relay_call.close_reason is None and relay_call.peer.pc.connectionState == "connected"
         assert inbound.lost > 0 and inbound.recovered_ms > 0  # the loss was real, and Opus filled it in
         # Both turns, both ways: the model heard the user and the user heard the model, through the loss.
         assert min(snr for turn in turns for snr in turn) > 0
@@ -131,7 +131,7 @@ async def test_a_client_that_vanishes_is_noticed_and_its_call_freed(simulator):
         await asyncio.wait_for(relay_call.closed.wait(), 60)
         freed_after = asyncio.get_running_loop().time() - vanished
         print(f"\na vanished client's call freed after {freed_after:.1f} s ({relay_call.close_reason})")
-        assert app[CALLS] == {} and relay_call.ws.close_code is not None
+        assert app[CALLS] == {} and relay_call.upstream.ws.close_code is not None
     finally:
         await call.close()
         nat.close()

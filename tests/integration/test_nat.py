@@ -117,7 +117,7 @@ async def test_a_call_connects_through_a_one_to_one_nat_to_the_announced_address
             assert PRIVATE not in call.answer_sdp  # neither in a candidate nor in a c= line
             assert f"c=IN IP4 {PUBLIC}" in call.answer_sdp
             # The relay gathered on the private address; the answer kept its ports.
-            gatherer = app[CALLS][call.call_id].pc.getTransceivers()[0].sender.transport.transport.iceGatherer
+            gatherer = app[CALLS][call.call_id].peer.pc.getTransceivers()[0].sender.transport.transport.iceGatherer
             gathered = [(c.ip, c.port) for c in gatherer.getLocalCandidates() if c.type == "host"]
             assert {host for host, _ in gathered} == {PRIVATE}
             assert sorted(port for _, port in gathered) == sorted({port for _, port in announced})

@@ -98,7 +98,7 @@ async def test_an_upstream_dropped_mid_reply_is_replaced_and_the_next_turn_has_t
         assert done["response"]["status"] == "completed"
         await call.wait_for("output_audio_buffer.stopped", timeout=20, after=after)
         assert "error" not in call.types()
-        assert app[CALLS][call.call_id].reconnects == 1
+        assert app[CALLS][call.call_id].upstream.reconnects == 1
     finally:
         await call.close()
 

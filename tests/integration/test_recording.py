@@ -8,7 +8,7 @@ import wave
 import numpy as np
 
 from relay.core.recording import RATE, speech_windows, turns
-from relay.server.calls import Call
+from relay.call.call import Call
 from tests.integration.test_webrtc_call import HELLO48, Relay, _ended, _serve, relay_settings
 from tests.webrtc_client import call_relay
 
@@ -22,7 +22,7 @@ async def test_a_recorded_call_holds_both_sides_on_one_clock(simulator, tmp_path
     # The relay's own view, timed in the test: when user audio arrived and when model frames left.
     user_audio: list[tuple[float, bytes]] = []
     model_frames: list[tuple[float, bytes]] = []
-    to_upstream, next_frame = Call._to_upstream_audio, Call._next_frame
+    to_upstream, next_frame = Call.on_user_audio, Call.next_frame
 
     def spy_to_upstream(self, pcm24):
         user_audio.append((time.monotonic(), pcm24))
@@ -34,8 +34,8 @@ async def test_a_recorded_call_holds_both_sides_on_one_clock(simulator, tmp_path
             model_frames.append((time.monotonic(), frame))
         return frame
 
-    monkeypatch.setattr(Call, "_to_upstream_audio", spy_to_upstream)
-    monkeypatch.setattr(Call, "_next_frame", spy_next_frame)
+    monkeypatch.setattr(Call, "on_user_audio", spy_to_upstream)
+    monkeypatch.setattr(Call, "next_frame", spy_next_frame)
     settings = relay_settings(simulator.url + "?model=gpt-realtime", recordings_dir=str(tmp_path))
     app, runner, url = await _serve(settings)
     try:

@@ -46,7 +46,7 @@ async def test_garbage_and_oversized_upstream_events_are_dropped_or_refused_and_
         done = await _spoken_turn(call, after=call.events.index(first) + 1)
         assert done["response"]["status"] == "completed"
         (live,) = app[CALLS].values()
-        assert live.reconnects == 0 and live.close_reason is None
+        assert live.upstream.reconnects == 0 and live.close_reason is None
         # Nothing unreadable reached the client: every message it got was a JSON object with a type.
         assert all(isinstance(e, dict) and "type" in e for e in call.events)
         assert sum(size for _, _, size in live.history._partial.values()) <= MAX_PARTIAL_CHARS  # not the 2 MB
@@ -62,7 +62,7 @@ async def test_a_five_second_stall_mid_call_delays_the_reply_and_nothing_else(se
         done = await _spoken_turn(call)
         assert done["response"]["status"] == "completed"
         (live,) = app[CALLS].values()
-        assert live.reconnects == 0  # pings were answered all along: not mistaken for a dead link
+        assert live.upstream.reconnects == 0  # pings were answered all along: not mistaken for a dead link
         assert not any(e["type"].startswith("relay.upstream") for e in call.events)
     finally:
         await call.close()

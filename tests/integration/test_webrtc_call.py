@@ -13,7 +13,8 @@ from aiohttp import web
 
 from relay.config import Settings
 from relay.server.app import create_app
-from relay.server.calls import CALLS, SETTINGS, TARGET, Call
+from relay.call.call import Call
+from relay.server.calls import CALLS, SETTINGS, TARGET
 from relay.simulator.config import SimConfig
 from relay.simulator.server import start_simulator
 from relay.upstream.target import choose_upstream
@@ -233,8 +234,8 @@ async def test_hangup_and_delete_end_calls_and_free_everything(relay):
                 async with http.delete(f"{relay.url}{call.location}") as response:
                     assert response.status == 204
             assert call.call_id not in relay.calls
-            assert relay_call.closed.is_set() and not relay_call._tasks
-            assert relay_call.pc.connectionState == "closed"
+            assert relay_call.closed.is_set() and not relay_call.tasks
+            assert relay_call.peer.pc.connectionState == "closed"
             assert relay.simulator.recorder.sessions[-1].ended_at is not None or await relay.simulator.recorder.wait_for(
                 lambda: relay.simulator.recorder.sessions[-1].ended_at)
             async with http.post(f"{relay.url}{call.location}/hangup") as response:
@@ -454,12 +455,12 @@ class StubChannel:
 
 async def test_an_event_too_large_for_the_channel_becomes_an_error_event(relay):
     call = Call(relay.app[SETTINGS], relay.app[TARGET], on_closed=lambda c: None)
-    call.channel = StubChannel(limit=1000)
-    call._to_client_text(json.dumps({"type": "session.updated", "session": {"instructions": "x" * 5000}}))
-    (sent,) = call.channel.sent
+    call.peer.channel = StubChannel(limit=1000)
+    call.peer.send_text(json.dumps({"type": "session.updated", "session": {"instructions": "x" * 5000}}))
+    (sent,) = call.peer.channel.sent
     assert sent["type"] == "error" and sent["error"]["code"] == "event_too_large"
-    call.channel = StubChannel(buffered=64 * 1024 * 1024)  # the client stopped acknowledging
-    call._to_client_text("{}")
+    call.peer.channel = StubChannel(buffered=64 * 1024 * 1024)  # the client stopped acknowledging
+    call.peer.send_text("{}")
     await asyncio.wait_for(call.closed.wait(), 5)
     assert call.close_reason == "client not reading its data channel"
 

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 from relay.config import Settings
 from relay.core.call import CallCore
 from relay.logs import REDACTED, JsonFormatter, TextFormatter
-from relay.server import metrics
+from relay.call import meter as metrics
 from relay.server.calls import CALLS, SETTINGS, STARTING, WORKER, call_capacity, worker_share
 from relay.server.workers import Worker
 from relay.webrtc.playout import PlayoutTrack
