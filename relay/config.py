@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from relay.core.policy import DEFAULT_CLIENT_FIELDS
-from relay.protocol.session import MODEL_NAME, REALTIME_MODELS
+from relay.protocol.session import MODEL_NAME
 
 ENV_NAMES = {"openai_api_key": "OPENAI_API_KEY"}
 # turn:HOST[:PORT][?transport=udp|tcp] and turns:… (RFC 7065); an IPv6 host in brackets
@@ -94,10 +94,11 @@ class Settings(BaseModel):
         "gpt-realtime", min_length=1, description="model of the calls whose client asks for none (OpenAI's and the "
         "simulator's URL; a RELAY_UPSTREAM_URL keeps its own model parameter for them)",
     )
-    models: list[str] = Field(
-        default_factory=lambda: list(REALTIME_MODELS),
+    models: list[str] | None = Field(
+        None,
         description="comma-separated models a client may ask for (session.model of an offer or a client secret), "
-        "besides RELAY_MODEL; * for any name (default: the realtime models of OpenAI's API)",
+        "besides RELAY_MODEL; * for any name (default: the realtime models of OpenAI's API; with "
+        "RELAY_UPSTREAM_URL, only the URL's own model)",
     )
     upstream_url: str | None = Field(
         None, description="any Realtime-compatible WebSocket URL, used as given (wins over OPENAI_API_KEY)"
@@ -299,8 +300,8 @@ class Settings(BaseModel):
 
     @field_validator("models")
     @classmethod
-    def _model_names(cls, value: list[str]) -> list[str]:
-        for name in value:
+    def _model_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
             if name != "*" and not MODEL_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a model name (or *)")
         return value

@@ -76,8 +76,9 @@ class Call:
 
     # --- setup -------------------------------------------------------------------------------------------------
 
-    async def start(self, offer_sdp: str, session: dict[str, Any] | None) -> str:
-        """Negotiate with the client and open the upstream, concurrently; return the answer SDP."""
+    async def start(self, offer_sdp: str, session: dict[str, Any] | None, kept: list[str] | None = None) -> str:
+        """Negotiate with the client and open the upstream, concurrently; return the answer SDP. `kept`: what the
+        policy kept of the creator's session (the client is told after `session.created`, its first event)."""
         # A resumed call's session starts with the earlier conversation, as text, before the user speaks.
         opening = asyncio.create_task(self.upstream.open(session, self.history.replay_items(), from_client=True))
         try:
@@ -93,6 +94,8 @@ class Call:
             await ws.close()
             raise SetupError("call_ended", f"The call ended while it was set up: {self.close_reason}.")
         self.upstream.adopt(ws, initial_events, first=True)
+        if kept:
+            self.tell(self.core.fields_kept(kept, None))
         self.upstream.start()
         self.tasks.spawn(self._watch(), "watchdog")
         if self.records.recording is not None:

@@ -22,7 +22,7 @@ from relay.server.errors import json_errors
 from relay.server.calls import CALLS, SHUTTING_DOWN, TOOLBOX, add_call_routes, call_capacity, drain
 from relay.server.metrics import add_metrics
 from relay.server.workers import Worker
-from relay.upstream.target import UpstreamTarget, choose_upstream
+from relay.upstream.target import ModelChoice, UpstreamTarget, choose_upstream
 from relay.webrtc.ice import client_ice_servers
 from relay.webrtc.aiortc_internals import (guard_ice_data, restrict_host_addresses, speed_up_audio_sender,
                                           speed_up_ntp_clock)
@@ -85,7 +85,7 @@ def create_app(settings: Settings, upstream: UpstreamTarget, worker: Worker = Wo
     app.router.add_get("/relay/client-config", client_config(settings))
     app.router.add_static("/static/", STATIC)
     add_call_routes(app, settings, upstream, worker)
-    add_auth(app, settings, worker, CALLS, upstream.model or settings.model, app[TOOLBOX].definitions())
+    add_auth(app, settings, worker, CALLS, ModelChoice.of(settings, upstream), app[TOOLBOX].definitions())
     app.middlewares.append(json_errors(settings.max_sdp_bytes))  # innermost: sees what the routes and aiohttp raise
     add_metrics(app, settings.metrics, CALLS)
     return app

@@ -41,6 +41,7 @@ from relay.protocol import ProtocolError, new_id, parse_client_event
 from relay.protocol.session import filled_in, merge
 from relay.server.errors import error_response
 from relay.server.workers import FORWARDED, Worker, forward
+from relay.upstream.target import ModelChoice
 
 TOKEN_PREFIX = "ek_"
 MIN_TTL_S, MAX_TTL_S = 10, 7200  # OpenAI's bounds for expires_after.seconds
@@ -326,7 +327,7 @@ async def client_secrets(request: web.Request) -> web.Response:
         return error_response(400, exc.code, exc.message, param=exc.param)
     if session is not None and BACKEND not in request:  # open access: whoever mints is a client, not a backend
         EventPolicy(settings.client_session_fields).keep_locked_fields(session, settings.session, "session")
-    model = call_model(None, session, [*settings.models, settings.model])
+    model = call_model(None, session, request.app[MODELS].allowed)
     if not isinstance(model, (str, type(None))):
         return error_response(400, model.code, model.message, param=model.param)
     try:
@@ -335,7 +336,7 @@ async def client_secrets(request: web.Request) -> web.Response:
         return error_response(429, "too_many_client_secrets", str(exc), "rate_limit_error")
     except ValueError as exc:
         return error_response(400, "session_too_large", str(exc), param="session")
-    effective = filled_in(merge(settings.session, session or {}), model or request.app[DEFAULT_MODEL])
+    effective = filled_in(merge(settings.session, session or {}), model or request.app[MODELS].default)
     tools = request.app[SERVER_TOOLS]
     effective.update(id=new_id("sess"), expires_at=expires_at,
                      **({"tools": with_tools(effective["tools"], tools)} if tools else {}))
@@ -343,18 +344,18 @@ async def client_secrets(request: web.Request) -> web.Response:
 
 
 SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("auth_settings")
-DEFAULT_MODEL: web.AppKey[str] = web.AppKey("default_model")  # the model of calls that ask for none
+MODELS: web.AppKey[ModelChoice] = web.AppKey("models")  # the default model, and those clients may ask for
 SERVER_TOOLS: web.AppKey[list[dict[str, Any]]] = web.AppKey("server_tools")  # added to every call's tools
 
 
 def add_auth(app: web.Application, settings: Settings, worker: Worker, calls_key: web.AppKey,
-             default_model: str, server_tools: list[dict[str, Any]]) -> None:
-    """Install the checks in front of every other middleware, and the client_secrets route. `default_model` and
-    `server_tools` (the relay's own) are part of the effective session a client secret reports."""
+             models: ModelChoice, server_tools: list[dict[str, Any]]) -> None:
+    """Install the checks in front of every other middleware, and the client_secrets route. `models` (which a
+    client may ask for) and `server_tools` (the relay's own) shape the session a client secret reports."""
     secret = settings.token_secret.get_secret_value().encode() if settings.token_secret else secrets.token_bytes(32)
     app[TOKENS] = Tokens(secret, worker.index, single_use=settings.client_secret_single_use)
     app[SETTINGS_KEY] = settings
-    app[DEFAULT_MODEL] = default_model
+    app[MODELS] = models
     app[SERVER_TOOLS] = server_tools
     app.middlewares.insert(0, auth_middleware(settings, worker, calls_key))
     app.router.add_post("/v1/realtime/client_secrets", client_secrets)

@@ -29,7 +29,7 @@ from relay.core.history import History
 from relay.core.policy import EventPolicy, Refusal, call_model, starting_session
 from relay.protocol import new_id
 from relay.server import metrics
-from relay.server.auth import BACKEND, TOKEN_NONCE, TOKEN_SESSION
+from relay.server.auth import BACKEND, MODELS, TOKEN_NONCE, TOKEN_SESSION
 from relay.server.errors import error_response
 from relay.server.limits import Networks, RateLimiter, client_address, networks, rate_key, retry_after
 from relay.server.workers import Worker, ask_worker, peer_address, routing_middleware
@@ -191,7 +191,7 @@ async def _create_call(request: web.Request, settings: Settings, calls: dict[str
                               "resumed (transcripts outlive a call in memory for the last calls only; set "
                               "RELAY_HISTORY_DIR to keep them).", param="resume")
     locked = request.get(TOKEN_SESSION)  # a client secret's session: its settings win, and stay
-    model = call_model(session, locked, [*settings.models, settings.model])
+    model = call_model(session, locked, request.app[MODELS].allowed)
     if isinstance(model, Refusal):
         return error_response(400, model.code, model.message, param=model.param)
     policy = call_policy(settings, request.app[TOOLBOX], locked)
@@ -200,10 +200,8 @@ async def _create_call(request: web.Request, settings: Settings, calls: dict[str
     call = Call(settings, target.for_model(model) if model else target, on_closed=lambda c: _ended(request.app, c),
                 call_id=call_id, toolbox=request.app[TOOLBOX], policy=policy, token_nonce=request.get(TOKEN_NONCE),
                 history=History.resuming(earlier, resume, settings.prices) if earlier is not None else None)
-    if kept:
-        call.tell(call.core.fields_kept(kept, None))  # held until its data channel opens
     try:
-        answer = await call.start(offer, session)
+        answer = await call.start(offer, session, kept)
     except SetupError as exc:
         await call.close("setup failed")
         return error_response(exc.status, exc.code, exc.message)

@@ -7,6 +7,7 @@ from typing import Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from relay.config import Settings
+from relay.protocol.session import REALTIME_MODELS
 
 OPENAI_REALTIME_URL = "wss://api.openai.com/v1/realtime"
 
@@ -39,6 +40,23 @@ class UpstreamTarget:
         keyed = "with a key" if self.headers else "without a key"
         label = "OpenAI Realtime API" if self.kind == "openai" else "RELAY_UPSTREAM_URL"
         return f"upstream: {label} {_loggable(self.url)} ({keyed})"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model of a call that asks for none, and the models a client may ask for."""
+
+    default: str
+    allowed: list[str]
+
+    @classmethod
+    def of(cls, settings: Settings, target: UpstreamTarget) -> "ModelChoice":
+        """RELAY_MODELS when set; else OpenAI's realtime models for OpenAI and the simulator, and only its own
+        model for a RELAY_UPSTREAM_URL (another provider's names, an Azure deployment: the relay cannot know them).
+        The default model is always allowed."""
+        default = target.model or settings.model
+        names = settings.models if settings.models is not None else [] if target.kind == "url" else REALTIME_MODELS
+        return cls(default, list(dict.fromkeys([*names, default])))
 
 
 def _loggable(url: str | None) -> str:

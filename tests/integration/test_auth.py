@@ -19,7 +19,8 @@ KEY = "sk-relay-test-key"
 @pytest.fixture
 async def relay(simulator):
     app, runner, url = await _serve(relay_settings(simulator.url + "?model=gpt-realtime", api_keys=KEY,
-                                                   allowed_origins="https://app.example.com"))
+                                                   allowed_origins="https://app.example.com",
+                                                   models="gpt-realtime,gpt-realtime-mini"))
     yield app, url
     await runner.cleanup()
 

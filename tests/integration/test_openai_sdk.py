@@ -14,6 +14,7 @@ import pytest
 from openai import AsyncOpenAI
 from openai.types.realtime import ClientSecretCreateResponse, RealtimeSessionCreateResponse
 
+from relay.protocol.session import REALTIME_MODELS
 from relay.server.auth import Tokens
 from relay.server.workers import Worker
 from tests.audio_checks import loud_ms
@@ -26,6 +27,8 @@ TOKEN_SECRET = "the token secret of the in-process relay"
 WEATHER = "Only talk about the weather."
 SECRET_MODEL, OFFER_MODEL, NOT_ALLOWED = "gpt-realtime-mini", "gpt-realtime-2", "gpt-4o"  # not a realtime model
 HELLO48 = load_pcm48("speech_hello_48k.wav")
+# The simulator stands in for OpenAI behind RELAY_UPSTREAM_URL: clients may ask for OpenAI's models, as there.
+OPENAI_MODELS = ",".join(REALTIME_MODELS)
 
 
 def sdk(base: str, key: str) -> AsyncOpenAI:
@@ -82,7 +85,7 @@ async def workers(simulator):
     """`relay serve --workers 2` with an API key and no RELAY_TOKEN_SECRET (the master picks one for its workers).
     Every call here comes from one address: the per-address limit (callers without an API key) is out of the way."""
     env = clean_env(RELAY_UPSTREAM_URL=simulator.url, RELAY_ICE_ADDRESSES="127.0.0.1", RELAY_API_KEYS=KEY,
-                    RELAY_CALLS_PER_IP_PER_S="1000")
+                    RELAY_CALLS_PER_IP_PER_S="1000", RELAY_MODELS=OPENAI_MODELS)
     async with relay_logged("--workers", "2", env=env) as relay:
         yield relay.base
         relay.process.send_signal(signal.SIGTERM)
@@ -128,7 +131,8 @@ async def test_a_client_secret_makes_calls_at_every_worker_with_its_session(work
 
 @pytest.fixture
 async def relay(simulator):
-    app, runner, url = await _serve(relay_settings(simulator.url, api_keys=KEY, token_secret=TOKEN_SECRET))
+    app, runner, url = await _serve(relay_settings(simulator.url, api_keys=KEY, token_secret=TOKEN_SECRET,
+                                                   models=OPENAI_MODELS))
     yield url
     await runner.cleanup()
 

@@ -108,6 +108,8 @@ async def test_only_a_backend_sets_the_agent_when_it_creates_a_call(served):
     try:
         assert (await client.wait_for("session.created"))["session"]["instructions"] == "You are Ada."
         assert (await client.wait_for("relay.policy.fields_kept"))["params"] == ["session.instructions"]
+        types = [e["type"] for e in client.events]
+        assert types[0] == "session.created"  # the first event, as from OpenAI; what was kept comes after it
     finally:
         await client.close()
     backend = await call_relay(url, headers=bearer(KEY), session={"type": "realtime", "instructions": "Be Bob."})

@@ -6,13 +6,25 @@ from openai.types.realtime import RealtimeSessionCreateResponse
 
 from relay.config import Settings
 from relay.protocol.session import REALTIME_MODELS, default_session, filled_in, merge
+from relay.upstream.target import ModelChoice, UpstreamTarget
 from tests.oracle import SESSION_MODELS
 
 
 def test_the_default_models_are_the_realtime_models_the_sdk_names():
     assert "gpt-realtime" in SESSION_MODELS and len(SESSION_MODELS) > 10
     assert set(REALTIME_MODELS) == {name for name in SESSION_MODELS if "realtime" in name}
-    assert Settings.load(env={}).models == list(REALTIME_MODELS)
+    settings = Settings.load(env={})
+    openai = ModelChoice.of(settings, UpstreamTarget("openai", "wss://api.openai.com/v1/realtime?model=gpt-realtime"))
+    assert openai == ModelChoice("gpt-realtime", list(REALTIME_MODELS))
+
+
+def test_with_another_provider_clients_may_ask_only_for_its_own_model_unless_told():
+    azure = UpstreamTarget("url", "wss://r.openai.azure.com/openai/v1/realtime?model=my-deployment")
+    assert ModelChoice.of(Settings.load(env={}), azure) == ModelChoice("my-deployment", ["my-deployment"])
+    told = Settings.load(env={"RELAY_MODELS": "my-deployment,my-mini"})
+    assert ModelChoice.of(told, azure).allowed == ["my-deployment", "my-mini"]
+    bare = UpstreamTarget("url", "wss://voice.example.org/v1/realtime")  # no model parameter: RELAY_MODEL names it
+    assert ModelChoice.of(Settings.load(env={}), bare) == ModelChoice("gpt-realtime", ["gpt-realtime"])
 
 
 def test_a_filled_in_session_is_what_openai_answers():
