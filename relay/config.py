@@ -216,6 +216,14 @@ class Settings(BaseModel):
         262144, ge=1024, le=262144, description="largest data-channel message a client may send (bytes); a larger "
         "one gets an error event (at most 262144: what the relay's SCTP advertises, a=max-message-size)",
     )
+    max_backends_per_call: int = Field(
+        4, ge=1, le=100, description="backends one call may have attached at once over its control socket "
+        "(GET /v1/realtime?call_id=); one more is refused (429 too_many_backends), the call goes on",
+    )
+    backend_queue_bytes: int = Field(
+        4 * 1024 * 1024, ge=65536, description="events waiting for a backend that does not keep up (bytes); beyond "
+        "it the backend is closed (1008) and the call goes on",
+    )
     max_call_duration_s: float = Field(
         3600.0, gt=0, description="end a call after this long, whatever it is doing (the client gets an error event "
         "first)",

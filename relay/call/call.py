@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from relay.audio.convert import FRAME_BYTES_24K, Chunker
 from relay.call import meter
+from relay.call.backend import BackendLink, Backends
 from relay.call.fanout import Fanout
 from relay.call.peer import PeerLink, SetupError
 from relay.call.records import Records
@@ -65,6 +66,7 @@ class Call:
                                 spawn=self.tasks.spawn, end_call=self.close_soon)
         self.events.listen(self.records)  # first: a truncation cuts the transcript before the client hears of it
         self.events.listen(self.peer)
+        self.backends = Backends(self.id, self.events, settings.max_backends_per_call)  # listeners from attach on
         self._framer = Chunker(FRAME_BYTES_24K)  # the current item's audio, cut into 20 ms frames
         self._framing_item: str | None = None
         self._closer: asyncio.Task | None = None
@@ -130,14 +132,20 @@ class Call:
         """An event for the call's clients (held for the data channel until it opens)."""
         self.events.tell(event)
 
-    def on_client_text(self, text: str) -> None:
-        """A client's event (the peer link has checked its size and kind)."""
-        actions, upstream_text = self.core.on_client_event(text)
-        self._dispatch(actions)
+    def on_client_text(self, text: str, backend: BackendLink | None = None) -> None:
+        """A client's event (the peer link has checked its size and kind), or an attached backend's: trusted (no
+        event policy), its errors back to it alone."""
+        actions, upstream_text = self.core.on_client_event(text, trusted=backend is not None)
+        reply = self.tell if backend is None else backend.reply
+        for action in actions:
+            if backend is not None and isinstance(action, ToClient) and action.event["type"] == "error":
+                reply(action.event)
+            else:
+                self._dispatch([action])
         if upstream_text is not None and '"conversation.item.create"' in upstream_text:
             self.events.added(json.loads(upstream_text))  # the core has checked it is JSON
         if upstream_text is not None and not self.upstream.send(upstream_text):
-            self.tell(error_event("relay_backlog_full", "The model service is not keeping up: event refused."))
+            reply(error_event("relay_backlog_full", "The model service is not keeping up: event refused."))
 
     def on_server_event(self, event: dict[str, Any], text: str) -> None:
         """An upstream event other than audio: the core decides, the listeners hear it."""
@@ -255,6 +263,7 @@ class Call:
             "answered": self.answered, "duration_s": round(time.monotonic() - self.started_at, 3), **counts})
         try:
             self._on_closed(self)
+            self.backends.end_all(reason)
             await self.tasks.cancel_all()
             await self.records.finish()
             await self.peer.close()

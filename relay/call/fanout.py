@@ -4,8 +4,8 @@ Owns: the lists of listeners and the order they hear things in (the order they w
 with one or more of these methods (the others are simply not called):
 - `told(event, text)`: an event for the call's clients, as dict and as the JSON text that goes out: the upstream's
   events the core forwards (as received), and the relay's own (`output_audio_buffer.*`, `relay.*`, errors).
-  Today: the call's records (truncations cut the transcript), then the peer link's data channel; next, the
-  backends attached over the control socket.
+  Today: the call's records (truncations cut the transcript), then the peer link's data channel, then the
+  backends attached over the control socket (relay/call/backend.py), each from the moment it attached.
 - `heard(event)`: every event of the upstream session but audio deltas, once the core has taken it and its actions
   are carried out. Today: the records (transcript, usage).
 - `added(event)`: a `conversation.item.create` on its way upstream (a client's, or the relay's for a tool's
@@ -39,6 +39,13 @@ class Fanout:
             raise TypeError(f"{type(listener).__name__} listens to none of {', '.join(STREAMS)}")
         for stream in found:
             getattr(self, f"_{stream}").append(getattr(listener, stream))
+
+    def forget(self, listener: object) -> None:
+        """From now on `listener` gets nothing (it was added with listen)."""
+        for stream in STREAMS:
+            method = getattr(listener, stream, None)
+            if callable(method) and method in getattr(self, f"_{stream}"):
+                getattr(self, f"_{stream}").remove(method)
 
     def tell(self, event: dict[str, Any], text: str | None = None) -> None:
         """An event for the call's clients; `text`: as received (not serialised again), else made here."""

@@ -43,6 +43,10 @@ RECEIVED = Counter("relay_received_bytes", "Bytes received: rtp (audio payloads 
                    "(client events), upstream (model service events)", ["path"])
 SENT = Counter("relay_sent_bytes", "Bytes sent: rtp (audio payloads to clients), datachannel (events to clients), "
                "upstream (events to the model service)", ["path"])
+BACKENDS = Gauge("relay_backends_attached", "Backends attached to calls over the control socket "
+                 "(GET /v1/realtime?call_id=)", multiprocess_mode="livesum")
+BACKEND_EVENTS = Counter("relay_backend_events", "Events over the backends' control sockets: in (from backends), "
+                         "out (to backends)", ["direction"])
 
 # A call's counts (counts()) -> the counter each one adds to.
 _COUNTERS: dict[str, Any] = {
@@ -54,6 +58,8 @@ _COUNTERS: dict[str, Any] = {
     "upstream_in": RECEIVED.labels("upstream"),
     "rtp_out": SENT.labels("rtp"), "datachannel_out": SENT.labels("datachannel"),
     "upstream_out": SENT.labels("upstream"),
+    "backend_in": RECEIVED.labels("backend"), "backend_out": SENT.labels("backend"),
+    "backend_events_in": BACKEND_EVENTS.labels("in"), "backend_events_out": BACKEND_EVENTS.labels("out"),
 }
 
 # Why a call ended (Call.close_reason, free text) -> a label value, first match wins.
@@ -80,9 +86,11 @@ def outcome(reason: str | None) -> str:
     return "other"
 
 
+for _direction in ("in", "out"):
+    BACKEND_EVENTS.labels(_direction)
 for _label in OUTCOMES:  # every outcome shows (at 0) from the start: a rate() needs the series to exist
     CALLS_ENDED.labels(_label)
-for _path in ("rtp", "datachannel", "upstream"):
+for _path in ("rtp", "datachannel", "upstream", "backend"):
     RECEIVED.labels(_path)
     SENT.labels(_path)
 
@@ -110,6 +118,14 @@ def call_started() -> None:
     CALLS_ACTIVE.inc()
 
 
+def backend_attached() -> None:
+    BACKENDS.inc()
+
+
+def backend_detached() -> None:
+    BACKENDS.dec()
+
+
 def call_ended(answered: bool, reason: str | None) -> None:
     if answered:
         CALLS_ACTIVE.dec()
@@ -120,7 +136,7 @@ def call_ended(answered: bool, reason: str | None) -> None:
 
 def counts(call: Any) -> dict[str, int]:
     """A call's counts so far (relay.call.call.Call), each named as in _COUNTERS."""
-    stats, peer, upstream = call.core.stats, call.peer, call.upstream
+    stats, peer, upstream, backends = call.core.stats, call.peer, call.upstream, call.backends.traffic
     return {
         "barge_ins": stats.barge_ins, "truncations": stats.truncations, "policy_refusals": stats.policy_refusals,
         "fields_kept": stats.fields_kept, "reconnects": upstream.reconnects, "rollovers": upstream.rollovers,
@@ -129,4 +145,6 @@ def counts(call: Any) -> dict[str, int]:
         "rtp_in": peer.inbound.stats.payload_bytes, "rtp_out": peer.rtp_bytes_sent,
         "datachannel_in": peer.bytes_in, "datachannel_out": peer.bytes_out,
         "upstream_in": upstream.bytes_in, "upstream_out": upstream.bytes_out,
+        "backend_in": backends.bytes_in, "backend_out": backends.bytes_out,
+        "backend_events_in": backends.events_in, "backend_events_out": backends.events_out,
     }

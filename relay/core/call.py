@@ -392,9 +392,11 @@ class CallCore:
 
     # --- client -> relay ---------------------------------------------------------------------------------------
 
-    def on_client_event(self, text: str) -> tuple[list[Action], str | None]:
+    def on_client_event(self, text: str, trusted: bool = False) -> tuple[list[Action], str | None]:
         """A data-channel message from the client: the actions, and the text to forward upstream (the client's
-        own, untouched, unless the relay had to change it; None when nothing goes upstream).
+        own, untouched, unless the relay had to change it; None when nothing goes upstream). `trusted`: from a
+        backend attached with an API key: the envelope checks apply, the event policy does not (its `error`
+        actions are its own; the caller sends them back to it).
 
         The relay checks only what it acts on: JSON, a known event type, and the fields it must control. Anything
         else (new fields included) is the upstream's to accept or refuse, as on OpenAI's own endpoint."""
@@ -416,13 +418,13 @@ class CallCore:
             return self.flush(), None
         if kind == "response.cancel" and event.get("response_id") in (None, self._active_response):
             self._client_cancelled = self._active_response
-        refusal = self.policy.check(event)
+        refusal = None if trusted else self.policy.check(event)
         if refusal is not None:
             self.stats.client_errors += 1
             self.stats.policy_refusals += 1
             return [ToClient(_error_event(ProtocolError(
                 refusal.code, refusal.message, refusal.param, event_id_of(event))))], None
-        kept = self.policy.keep_locked(event, self.session)
+        kept = [] if trusted else self.policy.keep_locked(event, self.session)
         actions = [ToClient(self.fields_kept(kept, event_id_of(event)))] if kept else []
         changed = bool(kept)
         if kind == "session.update":

@@ -19,6 +19,7 @@ from relay.simulator.config import SimConfig
 from relay.simulator.server import RunningSimulator, start_simulator
 from relay.server.auth import add_auth, may_call
 from relay.server.errors import json_errors
+from relay.server.control import add_control_route
 from relay.server.calls import CALLS, SHUTTING_DOWN, TOOLBOX, add_call_routes, call_capacity, drain
 from relay.server.metrics import add_metrics
 from relay.server.workers import Worker
@@ -85,6 +86,7 @@ def create_app(settings: Settings, upstream: UpstreamTarget, worker: Worker = Wo
     app.router.add_get("/relay/client-config", client_config(settings))
     app.router.add_static("/static/", STATIC)
     add_call_routes(app, settings, upstream, worker)
+    add_control_route(app)
     add_auth(app, settings, worker, CALLS, ModelChoice.of(settings, upstream), app[TOOLBOX].definitions())
     app.middlewares.append(json_errors(settings.max_sdp_bytes))  # innermost: sees what the routes and aiohttp raise
     add_metrics(app, settings.metrics, CALLS)

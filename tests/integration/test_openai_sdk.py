@@ -1,6 +1,6 @@
 """The official `openai` Python SDK as the client, its `base_url` at the relay: client secrets, calls posted in the
 SDK's own form with an aiortc peer's offer, hangups, and errors as the SDK's typed exceptions with OpenAI's codes.
-(`client.realtime.connect(call_id=…)`, the backend's control socket, is issue 16's, not tested here.)"""
+(`client.realtime.connect(call_id=…)`, the backend's control socket: test_sideband.py.)"""
 
 from __future__ import annotations
 
