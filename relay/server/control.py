@@ -32,10 +32,15 @@ OWNER_REFUSALS = {404: ("call_not_found", "No such call."),
                   429: ("too_many_backends", "The call has as many backends attached as it may have.")}
 
 
+def offered_protocols(request: web.Request) -> list[str]:
+    """The WebSocket subprotocols the client offers."""
+    return [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+
+
 def presented_key(request: web.Request) -> str | None:
     """The key in `Authorization: Bearer`, else in the `openai-insecure-api-key.<key>` subprotocol."""
     key = bearer(request.headers.get("Authorization"))
-    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+    offered = offered_protocols(request)
     return key or next((p[len(KEY_SUBPROTOCOL):] for p in offered if p.startswith(KEY_SUBPROTOCOL)), None)
 
 
@@ -113,7 +118,7 @@ async def relay_to_owner(request: web.Request, owner: int) -> web.StreamResponse
     worker = request.app[WORKER]
     headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "origin")}
     headers |= {FORWARDED: "1", PEER: peer_address(request) or ""}
-    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    offered = offered_protocols(request)
     session = ClientSession(connector=UnixConnector(path=str(worker.socket_path(owner))))
     try:
         inner = await session.ws_connect(f"http://worker{request.path_qs}", headers=headers, protocols=offered,
