@@ -2,6 +2,8 @@
 
 It sends a speech file as its microphone (paced in real time, then silence), opens the `oai-events` data channel,
 posts its offer to `POST /v1/realtime/calls`, and records the audio and events it receives, with arrival times.
+By default it offers what a browser offers (Opus first); `codecs` narrows the offer, e.g. to G.711 only as a SIP
+gateway or a softphone does (aiortc's own PCMU/PCMA encoder then takes the 48 kHz microphone down to 8 kHz).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from typing import Any, Awaitable, Callable
 
 import aiohttp
 import numpy as np
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.rtp import RtpPacket
 from av import AudioFrame
 
-from relay.webrtc.aiortc_internals import install_packet_tap
+from relay.webrtc.aiortc_internals import JITTER_BUFFER_ATTRIBUTE, install_packet_tap
 from relay.webrtc.inbound import InboundAudio
 from tests.helpers import FIXTURES
 from tests.oracle import check_server_event
@@ -59,6 +62,10 @@ class Microphone(MediaStreamTrack):
             self._pending_marks.append((self.sent_samples + self._queue.size, mark))
         self._queue = np.concatenate((self._queue, pcm))
 
+    def position(self) -> int:
+        """The sample (48 kHz, counted from the call's first frame) at which audio said now will start."""
+        return self.sent_samples + self._queue.size
+
     def say_between(self, pcm: np.ndarray, lead_ms: int, tail_ms: int) -> None:
         """One utterance: silence, `pcm`, silence (enough for the VAD to end the turn)."""
         self.say(silence48(lead_ms))
@@ -87,6 +94,76 @@ class Microphone(MediaStreamTrack):
         return frame
 
 
+@dataclass(frozen=True)
+class RtpSeen:
+    """One RTP packet as a peer sent or received it (its plain header and payload, before SRTP / after it)."""
+
+    time: float  # monotonic
+    payload_type: int
+    sequence_number: int
+    timestamp: int
+    payload: bytes
+
+
+class ReceivedPackets:
+    """aiortc's jitter-buffer interface, in front of the receiver's own jitter buffer: notes every depayloaded
+    audio packet (`log`) and hands it on, so the client still plays what it gets."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.log: list[RtpSeen] = []
+
+    def add(self, packet: Any) -> Any:
+        self.log.append(RtpSeen(time.monotonic(), packet.payload_type, packet.sequence_number, packet.timestamp,
+                                bytes(packet.payload)))
+        return self._inner.add(packet)
+
+
+class OutboundRtp:
+    """Stands between the client's audio sender and its DTLS transport (which encrypts and sends): notes every RTP
+    packet the sender hands over (`sent`: what left) and drops the ones planned (`dropped`), as a lossy network
+    would: after the sender numbered and timestamped them. RTCP and everything else pass untouched."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.sent: list[RtpSeen] = []
+        self.dropped: list[RtpSeen] = []
+        self.count = 0  # RTP packets handed over so far (sent or dropped)
+        self._drops: set[int] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def drop(self, after: int, every: int, count: int) -> None:
+        """Drop `count` packets, `every` apart, the first `after` packets from now."""
+        self._drops |= {self.count + after + every * i for i in range(count)}
+
+    @property
+    def drops_pending(self) -> int:
+        return len(self._drops)
+
+    async def _send_rtp(self, data: bytes) -> None:
+        if len(data) >= 12 and data[0] >> 6 == 2 and not 192 <= data[1] <= 223:  # RTP, not RTCP (RFC 5761)
+            packet = RtpPacket.parse(data)
+            seen = RtpSeen(time.monotonic(), packet.payload_type, packet.sequence_number, packet.timestamp,
+                           bytes(packet.payload))
+            index, self.count = self.count, self.count + 1
+            if index in self._drops:
+                self._drops.discard(index)
+                self.dropped.append(seen)
+                return
+            self.sent.append(seen)
+        await self._inner._send_rtp(data)
+
+
+def negotiated_codec(answer_sdp: str) -> tuple[str, int] | None:
+    """The audio codec an answer chose (the first payload type on its audio m-line): (name in lower case, clock
+    rate), or None if the answer names none."""
+    formats = re.search(r"^m=audio \d+ \S+ (\d+)", answer_sdp, re.M)
+    rtpmap = formats and re.search(rf"^a=rtpmap:{formats.group(1)} ([\w.-]+)/(\d+)", answer_sdp, re.M)
+    return (rtpmap.group(1).lower(), int(rtpmap.group(2))) if rtpmap else None
+
+
 @dataclass
 class ClientCall:
     pc: RTCPeerConnection
@@ -97,9 +174,13 @@ class ClientCall:
     answer_sdp: str = ""
     events: list[dict[str, Any]] = field(default_factory=list)
     event_times: list[float] = field(default_factory=list)
-    audio: list[np.ndarray] = field(default_factory=list)  # received 48 kHz mono frames
+    codec: str = "opus"  # what the answer chose: "opus", "pcmu", "pcma"
+    rate: int = RATE  # of the received audio and its RTP clock: 48000 (Opus), 8000 (G.711)
+    audio: list[np.ndarray] = field(default_factory=list)  # received mono frames at `rate`
     audio_times: list[float] = field(default_factory=list)
-    audio_pts: list[int] = field(default_factory=list)  # RTP timestamps (48 kHz) of the received frames
+    audio_pts: list[int] = field(default_factory=list)  # RTP timestamps (at `rate`) of the received frames
+    packets: ReceivedPackets | None = None  # with `log_packets`: every audio RTP packet received
+    outbound: OutboundRtp | None = None  # after tap_outbound(): every audio RTP packet sent (and drops)
     concealed: list[bytes] = field(default_factory=list)  # with `conceal`: 24 kHz PCM16, losses concealed
     receiver: Any = None  # with `conceal`: the InboundAudio the received packets go through
     _new_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -113,6 +194,14 @@ class ClientCall:
 
     def types(self) -> list[str]:
         return [e["type"] for e in self.events]
+
+    def tap_outbound(self) -> OutboundRtp:
+        """Put an OutboundRtp between the audio sender and its transport (once the answer is applied)."""
+        if self.outbound is None:
+            (sender,) = [t.sender for t in self.pc.getTransceivers() if t.kind == "audio"]
+            self.outbound = OutboundRtp(sender.transport)
+            setattr(sender, "_RTCRtpSender__transport", self.outbound)
+        return self.outbound
 
     async def wait_for(self, predicate: Callable[[dict[str, Any]], bool] | str, timeout: float = 15.0,
                        after: int = 0) -> dict[str, Any]:
@@ -146,19 +235,36 @@ async def call_relay(base_url: str, mutate_offer: Callable[[str], str] = lambda 
                      session: dict[str, Any] | None = None, http: aiohttp.ClientSession | None = None,
                      resume: str | None = None, headers: dict[str, str] | None = None,
                      on_answer: Callable[[str], Awaitable[None]] | None = None, strict: bool = True,
-                     conceal: bool = False, post: Poster | None = None) -> ClientCall:
+                     conceal: bool = False, post: Poster | None = None, codecs: list[str] | None = None,
+                     log_packets: bool = False) -> ClientCall:
     """Connect a client peer to the relay; raises AssertionError with the body if it does not answer 201.
     `post`: sends the offer another way (an SDK) instead of aiohttp to `base_url` with `session`, `http`, `resume`
     and `headers`; whatever it raises is raised here, the peer closed.
     `on_answer` is awaited with the answer SDP before the client applies it (and starts its ICE checks).
     `strict`: every event the relay passes on must be a valid GA event (False: an upstream that sends garbage).
     `conceal`: receive like a browser (a jitter buffer that reorders and Opus loss concealment, here the relay's
-    own inbound path with an 80 ms window) into `concealed`, instead of aiortc's receiver into `audio`."""
+    own inbound path with an 80 ms window) into `concealed`, instead of aiortc's receiver into `audio`.
+    `codecs`: offer only these audio codecs, in this order (names as in the SDP: "PCMU", "PCMA", "opus", "G722");
+    None: aiortc's default offer. The answer's choice is `codec`, and `rate` the rate of the audio received.
+    `log_packets`: note every audio RTP packet received in `packets` (aiortc's receiver still plays them)."""
+    if conceal and (log_packets or codecs is not None):
+        raise ValueError("conceal receives Opus through the relay's inbound path: no codecs, no log_packets")
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     channel = pc.createDataChannel("oai-events")
     mic = Microphone()
     pc.addTrack(mic)
     call = ClientCall(pc, channel, mic, "", "")
+    (transceiver,) = [t for t in pc.getTransceivers() if t.kind == "audio"]
+    if codecs is not None:
+        available = RTCRtpSender.getCapabilities("audio").codecs
+        chosen = [next((c for c in available if c.mimeType.lower() == f"audio/{name.lower()}"), None) for name in codecs]
+        if not codecs or None in chosen:
+            await pc.close()
+            raise ValueError(f"aiortc cannot offer {codecs}: it has {[c.mimeType for c in available]}")
+        transceiver.setCodecPreferences(chosen)
+    if log_packets:
+        call.packets = ReceivedPackets(getattr(transceiver.receiver, JITTER_BUFFER_ATTRIBUTE))
+        install_packet_tap(transceiver.receiver, call.packets)
 
     def on_message(message: str) -> None:
         event = json.loads(message)
@@ -195,6 +301,7 @@ async def call_relay(base_url: str, mutate_offer: Callable[[str], str] = lambda 
         call.call_id = re.fullmatch(r"/v1/realtime/calls/(rtc_\w+)", call.location).group(1)
         if on_answer is not None:
             await on_answer(call.answer_sdp)
+        call.codec, call.rate = negotiated_codec(call.answer_sdp) or (call.codec, call.rate)
     except BaseException:
         await pc.close()
         raise

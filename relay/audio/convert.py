@@ -1,4 +1,4 @@
-"""Fixed-size framing of PCM byte streams. (No resampling: libopus codes the upstream's 24 kHz directly, see
+"""Fixed-size framing of audio byte streams. (No resampling: libopus codes the upstream's 24 kHz directly, see
 relay/audio/opus.py.)"""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ FRAME_BYTES_24K = FRAME_SAMPLES_24K * 2  # mono s16
 class Chunker:
     """Cuts a byte stream into chunks of exactly `size` bytes."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, pad: bytes = b"") -> None:
         self.size = size
+        self._pad = pad or bytes(size)  # what fills the last chunk: the format's silence (G.711's is not zeros)
         self._pending = bytearray()
 
     def push(self, data: bytes) -> list[bytes]:
@@ -25,9 +26,9 @@ class Chunker:
         return out
 
     def flush(self) -> bytes:
-        """The remainder, zero-padded to a whole chunk (b"" if none)."""
+        """The remainder, padded to a whole chunk (b"" if none)."""
         if not self._pending:
             return b""
-        out = bytes(self._pending) + bytes(self.size - len(self._pending))
+        out = bytes(self._pending) + self._pad[: self.size - len(self._pending)]
         self._pending.clear()
         return out

@@ -20,7 +20,8 @@ import logging
 import time
 from typing import Any, Callable
 
-from relay.audio.convert import FRAME_BYTES_24K, Chunker
+from relay.audio.convert import Chunker
+from relay.audio.formats import OPUS, CallAudio
 from relay.call import meter
 from relay.call.backend import BackendLink, Backends
 from relay.call.fanout import Fanout
@@ -43,31 +44,33 @@ log = logging.getLogger("relay.call")
 class Call:
     def __init__(self, settings: Settings, target: UpstreamTarget, on_closed: Callable[["Call"], None],
                  call_id: str | None = None, toolbox: Toolbox | None = None, policy: EventPolicy | None = None,
-                 token_nonce: str | None = None, history: History | None = None) -> None:
+                 token_nonce: str | None = None, history: History | None = None, audio: CallAudio = OPUS) -> None:
         self.id = call_id or new_id("rtc")
         self.settings = settings
+        self.audio = audio  # what the client's codec carries to the model and back (relay/audio/formats.py)
         self.token_nonce = token_nonce  # the client secret it was created with: good for ending it
         self._on_closed = on_closed
         toolbox = toolbox or Toolbox([])
         self.core = CallCore(interruptions=settings.interruptions, server_tools=toolbox.definitions(),
                              policy=policy or EventPolicy(settings.client_session_fields, server_tools=[
-                                 t["name"] for t in toolbox.definitions()]))
+                                 t["name"] for t in toolbox.definitions()]), audio=audio)
         self.started_at = time.monotonic()
         self.closed = asyncio.Event()
         self.close_reason: str | None = None
         self.answered = False  # the client got its 201: the call counts as started
         self.tasks = Tasks(f"call-{self.id}", self._task_failed)
         self.events = Fanout()
-        self.records = Records(self.id, settings, history, tell=self.tell)
+        self.records = Records(self.id, settings, history, tell=self.tell, rate=audio.rate)
         self.peer = PeerLink(self.id, settings, self.started_at, on_audio=self.on_user_audio,
-                             next_frame=self.next_frame, on_text=self.on_client_text, on_gone=self.close_soon)
+                             next_frame=self.next_frame, on_text=self.on_client_text, on_gone=self.close_soon,
+                             audio=audio)
         self.upstream = UpstreamLink(self.id, settings, target, owner=self, spawn=self.tasks.spawn)
         self.tools = ToolRunner(self.id, toolbox, settings.tool_timeout_s, self.core, carry_out=self._dispatch,
                                 spawn=self.tasks.spawn, end_call=self.close_soon)
         self.events.listen(self.records)  # first: a truncation cuts the transcript before the client hears of it
         self.events.listen(self.peer)
         self.backends = Backends(self.id, self.events, settings.max_backends_per_call)  # listeners from attach on
-        self._framer = Chunker(FRAME_BYTES_24K)  # the current item's audio, cut into 20 ms frames
+        self._framer = self._new_framer()  # the current item's audio, cut into 20 ms frames
         self._framing_item: str | None = None
         self._closer: asyncio.Task | None = None
         self._meter = meter.CallMeter()
@@ -103,18 +106,19 @@ class Call:
         if self.records.recording is not None:
             self.tasks.spawn(self.records.keep_recording(), "recording")
         self.answered = True
-        meter.call_started()
-        log.info("call %s started", self.id, extra={"call_id": self.id, "event": "started"})
+        meter.call_started(self.audio.codec)
+        log.info("call %s started (%s)", self.id, self.audio.codec, extra={
+            "call_id": self.id, "event": "started", "codec": self.audio.codec})
         return answer
 
     # --- audio, 50 times a second each way ---------------------------------------------------------------------
 
-    def on_user_audio(self, pcm24: bytes) -> None:
-        """~20 ms of the client's audio, straight from the inbound tap."""
-        self.upstream.send_audio(pcm24)
+    def on_user_audio(self, audio: bytes) -> None:
+        """~20 ms of the client's audio in the upstream's format, straight from the inbound tap."""
+        self.upstream.send_audio(audio)
         recording = self.records.recording
         if recording is not None:
-            recording.on_user_audio(pcm24, time.monotonic())
+            recording.on_user_audio(self.audio.to_pcm16(audio), time.monotonic())
 
     def next_frame(self) -> bytes | None:
         """The playout clock's tick: the frame to send now (None: silence)."""
@@ -123,7 +127,8 @@ class Call:
             self._dispatch(actions)
         recording = self.records.recording
         if recording is not None:
-            recording.on_model_frame(frame, time.monotonic())
+            recording.on_model_frame(None if frame is None else self.audio.to_pcm16(frame), time.monotonic(),
+                                     self.audio.rate // 50)
         return frame
 
     # --- events ------------------------------------------------------------------------------------------------
@@ -168,20 +173,23 @@ class Call:
         try:
             if not (isinstance(response_id, str) and isinstance(item_id, str)):
                 raise ValueError("ids must be strings")
-            pcm = base64.b64decode(event["delta"], validate=True)
+            audio = base64.b64decode(event["delta"], validate=True)
         except (KeyError, TypeError, binascii.Error, ValueError):
             log.warning("call %s: malformed audio delta dropped", self.id, extra={"call_id": self.id})
             return
         if item_id != self._framing_item:
-            self._framer = Chunker(FRAME_BYTES_24K)  # a new item starts on a frame boundary
+            self._framer = self._new_framer()  # a new item starts on a frame boundary
             self._framing_item = item_id
-        frames = self._framer.push(pcm[: len(pcm) // 2 * 2])
-        self._dispatch(self.core.on_audio(response_id, item_id, frames, len(pcm) / 48))
+        frames = self._framer.push(self.audio.whole_samples(audio))
+        self._dispatch(self.core.on_audio(response_id, item_id, frames, len(audio) / self.audio.bytes_per_ms))
+
+    def _new_framer(self) -> Chunker:
+        return Chunker(self.audio.frame_bytes, pad=self.audio.silence(self.audio.frame_bytes))
 
     def session_lost(self) -> None:
         """A reply under way dies with its upstream session: what the user has of it still plays and joins the
         history (replayed to the new session); the client gets its response.done."""
-        self._framer, self._framing_item = Chunker(FRAME_BYTES_24K), None  # less than a frame is left: dropped
+        self._framer, self._framing_item = self._new_framer(), None  # less than a frame is left: dropped
         self.records.upstream_lost()
         self._dispatch(self.core.upstream_lost())
 

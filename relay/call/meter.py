@@ -21,6 +21,8 @@ from prometheus_client import Counter, Gauge, Histogram
 CALLS_ACTIVE = Gauge("relay_calls_active", "Calls in progress (answered, not yet ended)",
                      multiprocess_mode="livesum")
 CALLS_STARTED = Counter("relay_calls_started", "Calls answered (201)")
+CALLS_BY_CODEC = Counter("relay_calls_by_codec", "Calls answered, by the audio codec negotiated (opus, pcmu, pcma)",
+                         ["codec"])
 CALLS_ENDED = Counter("relay_calls_ended", "Answered calls that ended, by why", ["reason"])
 SETUPS_FAILED = Counter("relay_call_setups_failed", "Calls that ended before being answered, by why", ["reason"])
 TURN_LATENCY = Histogram(
@@ -113,8 +115,9 @@ class CallMeter:
             TURN_LATENCY.observe(seconds)
 
 
-def call_started() -> None:
+def call_started(codec: str) -> None:
     CALLS_STARTED.inc()
+    CALLS_BY_CODEC.labels(codec).inc()
     CALLS_ACTIVE.inc()
 
 

@@ -1,7 +1,7 @@
 """The peer link: the client's side of a call, an aiortc peer connection with its audio tracks and data channel.
 
-Owns: negotiation (offer in, answer out: Opus only, the inbound packet tap on the receiver, the playout track on
-the sender, the announced address), the `oai-events` data channel both ways (messages in: size and kind checked,
+Owns: negotiation (offer in, answer out: Opus when offered, else the first of PCMU and PCMA the offer lists; the
+inbound packet tap on the receiver, the playout track on the sender, the announced address), the `oai-events` data channel both ways (messages in: size and kind checked,
 then handed to `on_text`; events out: held until the channel opens, the client dropped when it stops reading),
 the connection's state (failed or closed: `on_gone`), and the byte counts of each.
 Must not touch: what an event means (the call and its core decide), the upstream, the records. The audio it
@@ -21,11 +21,12 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSend
 from aiortc import sdp as aiortc_sdp
 from aiortc.exceptions import InvalidStateError
 
+from relay.audio.formats import ANSWERED, OPUS, CallAudio
 from relay.config import Settings
 from relay.core.call import error_event
 from relay.webrtc.aiortc_internals import data_channel_flushed, install_packet_tap, rtp_bytes_sent
 from relay.webrtc.ice import announce_address, relay_ice_servers
-from relay.webrtc.inbound import InboundAudio
+from relay.webrtc.inbound import InboundAudio, PassThroughInbound
 from relay.webrtc.playout import PlayoutTrack
 
 log = logging.getLogger("relay.call")
@@ -45,17 +46,35 @@ class SetupError(Exception):
         self.code, self.message = code, message
 
 
+def offered_audio(offer_sdp: str) -> CallAudio | None:
+    """The call's audio for this offer: Opus if its first audio m-line lists it (whatever else it lists), else the
+    first of PCMU and PCMA it lists (in its order of preference), else None: nothing the relay answers. An offer that
+    cannot be read is Opus's: negotiation then says what is wrong with it."""
+    try:
+        media = [m for m in aiortc_sdp.SessionDescription.parse(offer_sdp).media if m.kind == "audio"]
+    except Exception:  # aiortc reports bad SDP with several exception types
+        return OPUS
+    if not media:
+        return OPUS
+    names = [codec.mimeType.lower().removeprefix("audio/") for codec in media[0].rtp.codecs]
+    if "opus" in names:
+        return OPUS
+    return next((ANSWERED[name] for name in names if name in ("pcmu", "pcma")), None)
+
+
 class PeerLink:
     def __init__(self, call_id: str, settings: Settings, started_at: float, on_audio: Callable[[bytes], None],
                  next_frame: Callable[[], bytes | None], on_text: Callable[[str], None],
-                 on_gone: Callable[[str], None]) -> None:
+                 on_gone: Callable[[str], None], audio: CallAudio = OPUS) -> None:
         self.call_id = call_id
         self.settings = settings
+        self.audio = audio
         self._started_at = started_at
         self._on_text = on_text
         self._on_gone = on_gone
-        self.inbound = InboundAudio(on_audio, reorder_window=settings.reorder_window)
-        self.track = PlayoutTrack(next_frame)
+        self.inbound = PassThroughInbound(on_audio, audio, reorder_window=settings.reorder_window) \
+            if audio.passthrough else InboundAudio(on_audio, reorder_window=settings.reorder_window)
+        self.track = PlayoutTrack(next_frame, audio)
         self.pc: RTCPeerConnection | None = None
         self.channel: Any = None
         self._sender: RTCRtpSender | None = None
@@ -70,24 +89,27 @@ class PeerLink:
         self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))  # [] means none, not Google's
         pc.on("datachannel", self._on_datachannel)
         pc.on("connectionstatechange", self._on_connection_state)
+        # The call's one codec, on a transceiver made before the offer is applied (aiortc fixes an answer's codecs
+        # then). No telephone-event: the relay does not read it. The offer's first audio m-line takes it, sendrecv.
+        transceiver = pc.addTransceiver(self.track, direction="sendrecv")
+        transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("audio").codecs
+                                         if c.mimeType.lower() == "audio/" + self.audio.codec])
         try:
             check_media_ids(offer_sdp)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         except Exception as exc:  # aiortc reports bad SDP with several exception types
             raise SetupError("invalid_offer", f"The SDP offer could not be used: {exc}"[:300]) from None
-        audio = [t for t in pc.getTransceivers() if t.kind == "audio"]
-        if not audio:
+        if transceiver.mid is None:
             raise SetupError("invalid_offer", "The SDP offer has no audio m-line.")
-        opus = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"]
-        audio[0].setCodecPreferences(opus)  # the inbound tap decodes Opus only
-        install_packet_tap(audio[0].receiver, self.inbound)
-        self._sender = pc.addTrack(self.track)  # takes the offer's audio transceiver: sendrecv
+        install_packet_tap(transceiver.receiver, self.inbound)
+        self._sender = transceiver.sender
         try:
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:
             raise SetupError("invalid_offer", f"No answer can be made to this offer: {exc}"[:300]) from None
-        if "opus/48000" not in pc.localDescription.sdp.lower():
-            raise SetupError("invalid_offer", "The SDP offer does not offer Opus audio.")
+        if self.audio.clock not in pc.localDescription.sdp.lower():
+            raise SetupError("invalid_offer", f"The SDP offer does not offer {self.audio.codec.upper()} audio "
+                             f"({self.audio.clock}) on its first audio m-line.")
         if self.settings.announced_ip:  # the address clients reach through the NAT in front (ports kept)
             return announce_address(pc.localDescription.sdp, self.settings.announced_ip)
         return pc.localDescription.sdp

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from relay.config import Settings
 from relay.core.history import History
-from relay.core.recording import RATE as RECORDING_RATE, StereoTimeline
+from relay.core.recording import RATE, StereoTimeline
 
 log = logging.getLogger("relay.call")
 WRITE_EVERY_S = 1.0  # the recording's WAV grows this often
@@ -30,13 +30,13 @@ WRITE_EVERY_S = 1.0  # the recording's WAV grows this often
 
 class Records:
     def __init__(self, call_id: str, settings: Settings, history: History | None,
-                 tell: Callable[[dict[str, Any]], None]) -> None:
+                 tell: Callable[[dict[str, Any]], None], rate: int = RATE) -> None:
         self.call_id = call_id
         self.history = history or History(settings.prices)
         self._tell = tell
         self._log = Path(settings.history_dir) / f"{call_id}.jsonl" if settings.history_dir else None
         self._wav_path = Path(settings.recordings_dir) / f"{call_id}.wav" if settings.recordings_dir else None
-        self.recording = StereoTimeline(time.monotonic()) if self._wav_path else None
+        self.recording = StereoTimeline(time.monotonic(), rate) if self._wav_path else None  # the call's audio rate
         self._wav: wave.Wave_write | None = None
         self._wav_write: asyncio.Future | None = None
 
@@ -82,7 +82,7 @@ class Records:
         """The recording's task (the call owns it): write what was recorded once a second, off the event loop."""
         assert self._wav_path is not None and self.recording is not None
         try:
-            self._wav = await asyncio.to_thread(_open_stereo_wav, self._wav_path)
+            self._wav = await asyncio.to_thread(_open_stereo_wav, self._wav_path, self.recording.rate)
             while True:
                 await asyncio.sleep(WRITE_EVERY_S)
                 # Shielded: cancelling this task must not leave a write running while finish() ends the file.
@@ -113,9 +113,9 @@ class Records:
             log.warning("call %s: recording not finished: %s", self.call_id, exc, extra={"call_id": self.call_id})
 
 
-def _open_stereo_wav(path: Path) -> wave.Wave_write:
+def _open_stereo_wav(path: Path, rate: int) -> wave.Wave_write:
     wav = wave.open(str(path), "wb")
     wav.setnchannels(2)
     wav.setsampwidth(2)
-    wav.setframerate(RECORDING_RATE)
+    wav.setframerate(rate)
     return wav

@@ -86,7 +86,7 @@ class UpstreamLink:
     async def open(self, session: dict[str, Any] | None, replay: list[dict[str, Any]],
                    from_client: bool = False) -> tuple[websockets.ClientConnection, list[str]]:
         return await open_upstream(
-            self.target, session, self.settings.upstream_timeout_s, keep_talking=not self.settings.interruptions,
+            self.target, self._owner.core.upstream_session(session), self.settings.upstream_timeout_s, keep_talking=not self.settings.interruptions,
             tools=self._owner.core.server_tools, replay=replay, from_client=from_client,
         )
 

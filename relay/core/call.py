@@ -12,8 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
+from relay.audio.formats import OPUS, CallAudio
 from relay.core.policy import EventPolicy, kept_message, named
 from relay.protocol import ProtocolError, client_event_envelope, event_id_of, new_id
 
@@ -27,9 +26,6 @@ SILENCE_PEAK = 100  # a frame whose samples all stay below this (about -50 dBFS)
 LIVE_WINDOW_TICKS = 50
 LIVE_RATES = (0.5, 1.25)
 LIVE_TARGET_FRAMES = 2
-# The relay carries PCM16 at 24 kHz to the upstream and back, whatever a client asks for: over WebRTC the codec is
-# Opus and the upstream format is the relay's business (as on OpenAI's own WebRTC endpoint).
-UPSTREAM_FORMAT = {"type": "audio/pcm", "rate": 24000}
 
 
 @dataclass
@@ -98,8 +94,12 @@ def _response_id(event: dict[str, Any]) -> str | None:
 
 class CallCore:
     def __init__(self, interruptions: bool = True, max_playout_frames: int = 30_000,
-                 server_tools: list[dict[str, Any]] | None = None, policy: EventPolicy | None = None) -> None:
+                 server_tools: list[dict[str, Any]] | None = None, policy: EventPolicy | None = None,
+                 audio: CallAudio = OPUS) -> None:
         self.interruptions = interruptions  # the operator's setting
+        # The upstream audio format is the relay's business, whatever a client asks for (as on OpenAI's own WebRTC
+        # endpoint): PCM16 at 24 kHz for an Opus call, the call's own G.711 law for a PCMU or PCMA one.
+        self.audio = audio
         self.server_tools = server_tools or []  # definitions of the tools the relay runs itself
         # What the client may change (default here: anything; the server builds it from the settings).
         self.policy = policy or EventPolicy(["*"], server_tools=[t["name"] for t in self.server_tools])
@@ -280,7 +280,7 @@ class CallCore:
         item.received_ms += source_ms
         self._arrivals.append((self._ticks, source_ms))
         for frame in frames:
-            if not item.sound_queued and not item.queued_frames and _is_silence(frame):
+            if not item.sound_queued and not item.queued_frames and self._is_silence(frame):
                 item.emitted_frames += 1
                 self.stats.leading_silence_skipped += 1
                 continue
@@ -302,7 +302,7 @@ class CallCore:
         if not self._queue:
             self.stats.silence_frames += 1
             return None, []
-        while len(self._queue) > LIVE_TARGET_FRAMES and self._live() and _is_silence(self._queue[0][1]):
+        while len(self._queue) > LIVE_TARGET_FRAMES and self._live() and self._is_silence(self._queue[0][1]):
             self._dequeue()  # counted as played: the item's timeline moves on
             self.stats.live_silence_skipped += 1
         item, frame = self._dequeue()
@@ -431,7 +431,7 @@ class CallCore:
             changed |= self._adapt_session(event.get("session"))
         response = event.get("response")
         if kind == "response.create" and isinstance(response, dict):
-            changed |= _force_formats(response)
+            changed |= _force_formats(response, self.audio.session_format())
         return actions, (json.dumps(event, separators=(",", ":")) if changed else text)
 
     def fields_kept(self, params: list[str], client_event_id: str | None) -> dict[str, Any]:
@@ -445,7 +445,7 @@ class CallCore:
         """The fields the relay controls in a session.update; True when it changed something."""
         if not isinstance(session, dict):
             return False
-        changed = _force_formats(session)
+        changed = _force_formats(session, self.audio.session_format())
         if self.server_tools and "tools" in session:
             session["tools"] = with_tools(session["tools"], self.server_tools)  # the client's list replaces all
             changed = True
@@ -454,6 +454,25 @@ class CallCore:
             turn_detection["interrupt_response"] = False
             changed = True
         return changed
+
+    def upstream_session(self, session: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The session a new upstream session is opened with: the call's audio format wherever one is named, and
+        for a G.711 call both ways always (the service's default is PCM). None stays None for an Opus call: the
+        default is its format, and no session.update is needed."""
+        if session is None and not self.audio.passthrough:
+            return None
+        session = json.loads(json.dumps(session or {}))  # a copy: the caller's stays as it was
+        if self.audio.passthrough:
+            session.setdefault("type", "realtime")
+            audio = _child(session, "audio")
+            for direction in ("input", "output"):
+                _child(audio, direction)["format"] = self.audio.session_format()
+        else:
+            _force_formats(session, self.audio.session_format())
+        return session
+
+    def _is_silence(self, frame: bytes) -> bool:
+        return self.audio.peak(frame) < SILENCE_PEAK
 
     # --- relay-originated upstream events ----------------------------------------------------------------------
 
@@ -487,20 +506,22 @@ def _path(container: dict[str, Any], *keys: str) -> dict[str, Any]:
     return container
 
 
-def _force_formats(config: dict[str, Any]) -> bool:
-    """Put the relay's own upstream audio format wherever a client named one; True when something changed."""
+def _child(container: dict[str, Any], key: str) -> dict[str, Any]:
+    """container[key], made a dict if it is not one."""
+    if not isinstance(container.get(key), dict):
+        container[key] = {}
+    return container[key]
+
+
+def _force_formats(config: dict[str, Any], upstream_format: dict[str, Any]) -> bool:
+    """Put the call's own upstream audio format wherever a client named one; True when something changed."""
     changed = False
     for direction in ("input", "output"):
         section = _path(config, "audio", direction)
-        if "format" in section and section["format"] != UPSTREAM_FORMAT:
-            section["format"] = dict(UPSTREAM_FORMAT)
+        if "format" in section and section["format"] != upstream_format:
+            section["format"] = dict(upstream_format)
             changed = True
     return changed
-
-
-def _is_silence(frame: bytes) -> bool:
-    samples = np.frombuffer(frame, dtype="<i2")
-    return int(samples.max()) < SILENCE_PEAK and int(samples.min()) > -SILENCE_PEAK
 
 
 def new_event(event_type: str, **fields: Any) -> dict[str, Any]:

@@ -16,20 +16,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-RATE = 24000
+RATE = 24000  # an Opus call's (the upstream's PCM); a G.711 call's recording is at its own 8 kHz
 GAP_SLACK_S = 0.010
 HOLD_S = 0.100  # the newest audio is not handed out yet: a run may still move earlier into the silence before it
 
 
 class _Channel:
-    def __init__(self) -> None:
+    def __init__(self, rate: int) -> None:
+        self._slack = GAP_SLACK_S * rate
         self.pcm = bytearray()  # placed and not yet taken
         self.end = 0  # the sample after the last one placed, counted from the start of the call
         self._run_at = 0  # where the current run begins in `pcm` (samples)
         self._movable = 0  # silence just before the run, still in `pcm`, that the run may move into
 
     def place(self, pcm: bytes, start: int) -> None:
-        if start > self.end + GAP_SLACK_S * RATE:
+        if start > self.end + self._slack:
             silence = start - self.end  # a real gap
             self.pcm += bytes(silence * 2)
             self.end = start
@@ -52,9 +53,10 @@ class _Channel:
 
 
 class StereoTimeline:
-    def __init__(self, start: float) -> None:
+    def __init__(self, start: float, rate: int = RATE) -> None:
         self._start = start
-        self._user, self._model = _Channel(), _Channel()
+        self.rate = rate
+        self._user, self._model = _Channel(rate), _Channel(rate)
 
     def on_user_audio(self, pcm24: bytes, now: float) -> None:
         """Audio from the user that arrived at `now` (so it ended then)."""
@@ -69,12 +71,12 @@ class StereoTimeline:
         """Interleaved stereo PCM16 up to `now` less HOLD_S (`final`: everything). A side that has sent nothing
         for that long (a client that stopped its microphone) is silence until then, so the other side is written
         out rather than held in memory."""
-        until = self._sample(now) - int(HOLD_S * RATE)
+        until = self._sample(now) - int(HOLD_S * self.rate)
         for channel in (self._user, self._model):
             if channel.end < until:
                 channel.place(b"", until)  # silence up to `until`, if it is a real gap
         left, right = len(self._user.pcm) // 2, len(self._model.pcm) // 2
-        count = max(left, right) if final else min(left, right) - int(HOLD_S * RATE)
+        count = max(left, right) if final else min(left, right) - int(HOLD_S * self.rate)
         if count <= 0:
             return b""
         out = np.zeros(count * 2, dtype="<i2")
@@ -86,7 +88,7 @@ class StereoTimeline:
         return out.tobytes()
 
     def _sample(self, now: float) -> int:
-        return max(0, round((now - self._start) * RATE))
+        return max(0, round((now - self._start) * self.rate))
 
 
 # --- the measure -------------------------------------------------------------------------------------------------

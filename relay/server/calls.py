@@ -23,7 +23,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from relay.call.call import Call
-from relay.call.peer import SetupError
+from relay.call.peer import SetupError, offered_audio
 from relay.config import Settings
 from relay.core.history import History
 from relay.core.policy import EventPolicy, Refusal, call_model, starting_session
@@ -190,6 +190,10 @@ async def _create_call(request: web.Request, settings: Settings, calls: dict[str
         return error_response(404, "call_not_found", "No conversation is kept for that call id, so it cannot be "
                               "resumed (transcripts outlive a call in memory for the last calls only; set "
                               "RELAY_HISTORY_DIR to keep them).", param="resume")
+    audio = offered_audio(offer)
+    if audio is None:
+        return error_response(400, "invalid_offer", "The SDP offer's audio offers none of the codecs the relay "
+                              "answers: Opus, PCMU or PCMA.")
     locked = request.get(TOKEN_SESSION)  # a client secret's session: its settings win, and stay
     model = call_model(session, locked, request.app[MODELS].allowed)
     if isinstance(model, Refusal):
@@ -199,7 +203,8 @@ async def _create_call(request: web.Request, settings: Settings, calls: dict[str
     target = request.app[TARGET]
     call = Call(settings, target.for_model(model) if model else target, on_closed=lambda c: _ended(request.app, c),
                 call_id=call_id, toolbox=request.app[TOOLBOX], policy=policy, token_nonce=request.get(TOKEN_NONCE),
-                history=History.resuming(earlier, resume, settings.prices) if earlier is not None else None)
+                history=History.resuming(earlier, resume, settings.prices) if earlier is not None else None,
+                audio=audio)
     try:
         answer = await call.start(offer, session, kept)
     except SetupError as exc:

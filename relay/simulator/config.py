@@ -72,7 +72,8 @@ HELP = {
     "speed": "how many times faster than real time response audio is generated",
     "delta_ms": "milliseconds of audio per response.output_audio.delta",
     "transcription_delay_ms": "delay from a commit to its input transcription",
-    "echo_appends": "benchmark mode: return every appended chunk at once as audio of one endless response",
+    "echo_appends": "benchmark mode: return every appended chunk at once as audio of one endless response (the "
+    "same bytes when the input and output formats match, else converted)",
     "max_session_s": "session lifetime; then error session_expired and close",
     "max_message_bytes": "largest WebSocket message accepted",
     "max_buffer_s": "input audio buffer cap in seconds (oldest audio dropped beyond it)",

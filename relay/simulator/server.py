@@ -6,7 +6,8 @@ HTTP:
 
 - `GET /v1/simulator/sessions`: one summary per session, newest last
 - `GET /v1/simulator/sessions/{id}`: the summary plus every event received (appended audio shown by its size)
-- `GET /v1/simulator/sessions/{id}/input_audio.wav`: all audio the session received (capped by record_audio_s)
+- `GET /v1/simulator/sessions/{id}/input_audio.wav`: all audio the session received (capped by record_audio_s), as
+  24 kHz PCM16 (G.711 appends decoded and upsampled, as the session hears them)
 - `DELETE /v1/simulator/sessions`: forget the records
 """
 
@@ -25,7 +26,7 @@ import time
 import wave
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import WSMsgType, web
 
@@ -84,9 +85,10 @@ class SessionRecord:
     # (monotonic arrival time, bytes of audio received so far) per append: when each piece of audio got here
     append_arrivals: list[tuple[float, int]] = field(default_factory=list)
 
-    def on_received(self, text: str) -> None:
-        """Record one client message: appended audio the session accepts joins input_audio; other audio, and any
-        event over 64 KiB once its appended audio is set aside, is kept by its size only."""
+    def on_received(self, text: str, input_pcm: Callable[[bytes], bytes | None] = lambda data: data) -> None:
+        """Record one client message: appended audio the session accepts joins input_audio, as the 24 kHz PCM16
+        `input_pcm` makes of it (None: refused); other audio, and any event over 64 KiB once its appended audio is
+        set aside, is kept by its size only."""
         if len(self.received) >= _MAX_EVENTS_RECORDED:
             return
         try:
@@ -101,14 +103,15 @@ class SessionRecord:
             encoded = event.pop("audio")
             size -= len(encoded)
             try:
-                pcm = base64.b64decode(encoded, validate=True)
+                data = base64.b64decode(encoded, validate=True)
             except (binascii.Error, ValueError):
-                pcm = b""
-            if len(pcm) % 2 == 0:  # what the session accepts (it refuses odd lengths)
+                data = b""
+            pcm = input_pcm(data)
+            if pcm is not None:  # what the session accepts (PCM16 of an odd length it refuses)
                 room = self.max_audio_bytes - len(self.input_audio)
                 self.input_audio += pcm[: max(0, room)]
                 self.append_arrivals.append((time.monotonic(), len(self.input_audio)))
-            event["audio_bytes"] = len(pcm)
+            event["audio_bytes"] = len(data)
         if size > _MAX_RECORDED_EVENT_CHARS:
             event = {"type": event.get("type"), "event_id": event.get("event_id"), "oversized_chars": len(text)}
         else:
@@ -255,7 +258,7 @@ async def _run_session(
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT:
-                    record.on_received(msg.data)
+                    record.on_received(msg.data, session.input_pcm)
                     session.receive(msg.data, loop.time())
                 elif msg.type == WSMsgType.BINARY:
                     session.receive_binary(loop.time())

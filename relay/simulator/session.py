@@ -3,6 +3,11 @@
 The adapter (`relay.simulator.server`) calls `receive()` for every WebSocket message and `advance()` whenever
 `next_deadline()` passes, then sends what `take_outgoing()` returns. Tests can drive it with a virtual clock.
 Times (`now`) are seconds on a monotonic clock; audio positions are milliseconds of appended audio.
+
+Inside, all audio is 24 kHz PCM16 (VAD, buffers, items, replies). A session in G.711 (`audio/pcmu`, `audio/pcma`)
+is converted at the edges: the audio a client sends is decoded and upsampled as it arrives (input format), the
+audio the simulator sends is downsampled and encoded as it leaves (a response's output format, fixed when the
+response is created; item audio retrieved: the session's output format).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from relay.audio import g711
 from relay.protocol import ProtocolError, new_id, parse_client_event
 from relay.protocol import models as m
 from relay.protocol.session import MODEL_NAME, SERVER_VAD_DEFAULTS, merge
@@ -35,6 +41,10 @@ log = logging.getLogger("relay.simulator")
 MIN_COMMIT_MS = 100
 # An MCP entry names its server by one of these.
 _MCP_SERVER_KEYS = ("server_url", "connector_id", "tunnel_id")
+G711_TYPES = (g711.PCMU, g711.PCMA)
+PCM_BYTES_PER_G711_BYTE = voice.SAMPLE_RATE // g711.RATE * 2  # one 8 kHz byte is three 24 kHz PCM16 samples
+# Context either side of a slice of reply audio sent in G.711, so that slices filtered apart join seamlessly.
+_SLICE_MARGIN = 64 * PCM_BYTES_PER_G711_BYTE
 VAD_IDLE_KEEP_MS = 5000  # with VAD on and nobody speaking, older buffered audio is dropped
 # The item types whose GA form has `object` and `status` (MCP items have neither).
 _ITEMS_WITH_STATUS = {"message", "function_call", "function_call_output"}
@@ -87,11 +97,12 @@ class SimItem:
                 return part
         return None
 
-    def public(self, with_audio: bool = False) -> dict[str, Any]:
+    def public(self, encode: Callable[[bytes], bytes] | None = None) -> dict[str, Any]:
+        """The API form; with `encode`, its audio too, as `encode` turns the 24 kHz PCM16 kept into the wire's."""
         item = copy.deepcopy(self.data)
-        if with_audio and self.audio is not None:
+        if encode is not None and self.audio is not None:
             part = next(p for p in item["content"] if p.get("type") in {"input_audio", "output_audio"})
-            part["audio"] = base64.b64encode(self.audio).decode()
+            part["audio"] = base64.b64encode(encode(self.audio)).decode()
         return item
 
 
@@ -116,6 +127,7 @@ class ActiveResponse:
     metadata: dict[str, str] | None
     started_at: float
     max_output_tokens: int | None
+    output_format: dict[str, Any] = field(default_factory=lambda: {"type": "audio/pcm", "rate": 24000})
     item: SimItem | None = None
     output_begun: bool = False
     sent_audio: int = 0  # bytes of audio delivered
@@ -197,6 +209,14 @@ class SimSession:
     def take_outgoing(self) -> list[dict[str, Any]]:
         out, self._out = self._out, []
         return out
+
+    def input_pcm(self, data: bytes) -> bytes | None:
+        """The 24 kHz PCM16 that appending `data` (decoded from base64) adds under the session's input format; None
+        if the session refuses it (PCM16 of an odd length)."""
+        law = _law(self.session["audio"]["input"]["format"])
+        if law is None:
+            return None if len(data) % 2 else data
+        return g711.upsample_to_24k(g711.decode(data, law))
 
     # --- plumbing ------------------------------------------------------------------------------------------------
 
@@ -323,13 +343,14 @@ class SimSession:
         for direction in ("input", "output"):
             fmt = updated["audio"][direction]["format"]
             fmt.setdefault("type", "audio/pcm")
-            if fmt["type"] != "audio/pcm":
+            if fmt["type"] == "audio/pcm":
+                fmt.setdefault("rate", 24000)
+            elif fmt["type"] not in G711_TYPES:  # the parser refuses these first; this guards the audio path
                 raise ProtocolError(
                     "invalid_value",
-                    f"The simulator speaks only audio/pcm at 24000 Hz, not {fmt.get('type')}.",
+                    f"The simulator speaks audio/pcm at 24000 Hz, audio/pcmu and audio/pcma, not {fmt['type']}.",
                     f"session.audio.{direction}.format.type",
                 )
-            fmt.setdefault("rate", 24000)
         td = updated["audio"]["input"].get("turn_detection")
         if td is not None:
             defaults = SERVER_VAD_DEFAULTS if td["type"] == "server_vad" else SEMANTIC_VAD_DEFAULTS
@@ -350,15 +371,18 @@ class SimSession:
     # --- input audio buffer --------------------------------------------------------------------------------------
 
     def _on_input_audio_buffer_append(self, event: m.InputAudioBufferAppend) -> None:
+        law = _law(self.session["audio"]["input"]["format"])
         try:
-            pcm = base64.b64decode(event.audio, validate=True)
+            data = base64.b64decode(event.audio, validate=True)
         except (binascii.Error, ValueError):
-            raise ProtocolError("invalid_value", "Invalid 'audio': expected base64-encoded PCM16 audio.", "audio") from None
-        if len(pcm) % 2:
-            raise ProtocolError("invalid_value", "Invalid 'audio': PCM16 audio has an even number of bytes.", "audio")
+            kind = "PCM16" if law is None else "G.711"
+            raise ProtocolError("invalid_value", f"Invalid 'audio': expected base64-encoded {kind} audio.", "audio") from None
         if self.config.echo_appends:
-            self._echo(pcm)
+            self._echo(data)
             return
+        pcm = self.input_pcm(data)
+        if pcm is None:
+            raise ProtocolError("invalid_value", "Invalid 'audio': PCM16 audio has an even number of bytes.", "audio")
         floor_ms = voice.audio_ms(self._buffer_start)
         self._buffer += pcm
         if self._vad is None:
@@ -374,15 +398,27 @@ class SimSession:
         else:
             self._cap_buffer(int(self.config.max_buffer_s * 1000))
 
-    def _echo(self, pcm: bytes) -> None:
-        """Benchmark mode: the chunk comes straight back, as audio of one response that never ends."""
+    def _echo(self, data: bytes) -> None:
+        """Benchmark mode: the chunk comes straight back, as audio of one response that never ends: as it came if
+        the response's output format is the session's input format, else converted."""
+        in_format = self.session["audio"]["input"]["format"]
+        in_law = _law(in_format)
+        if in_law is None and len(data) % 2:
+            raise ProtocolError("invalid_value", "Invalid 'audio': PCM16 audio has an even number of bytes.", "audio")
         if self.response is None:
             self._start_response(None, streamed=False)
             self.response.reply = Reply("message", "", b"", "echo")
             self._begin_output(self.response)
         r = self.response
-        r.sent_audio += len(pcm)
-        self._emit("response.output_audio.delta", **self._content_ids(), delta=base64.b64encode(pcm).decode())
+        out_law = _law(r.output_format)
+        if in_format["type"] == r.output_format["type"]:
+            out = data
+        elif in_law is not None and out_law is not None:
+            out = g711.encode(g711.decode(data, in_law), out_law)
+        else:
+            out = _to_wire(self.input_pcm(data), r.output_format)
+        r.sent_audio += len(data) * (1 if in_law is None else PCM_BYTES_PER_G711_BYTE)  # as 24 kHz PCM16
+        self._emit("response.output_audio.delta", **self._content_ids(), delta=base64.b64encode(out).decode())
 
     def _cap_buffer(self, keep_ms: int) -> None:
         excess = len(self._buffer) - keep_ms * voice.BYTES_PER_MS
@@ -507,9 +543,11 @@ class SimSession:
                 encoded = part.pop("audio", None)
                 part.setdefault("transcript", None)
                 try:
-                    item.audio = base64.b64decode(encoded or "", validate=True)
+                    audio = base64.b64decode(encoded or "", validate=True)
                 except (binascii.Error, ValueError):
                     raise ProtocolError("invalid_value", "Invalid audio: expected base64.", "item.content.audio") from None
+                law = _law(self.session["audio"]["input"]["format"])  # audio from the client: its input format
+                item.audio = audio if law is None else g711.upsample_to_24k(g711.decode(audio, law))
                 item.full_transcript = part.get("transcript") or ""
                 item.planned_audio_ms = voice.audio_ms(len(item.audio))
         self._add_item(item, event.previous_item_id)
@@ -520,7 +558,8 @@ class SimSession:
             raise ProtocolError(
                 "item_retrieve_invalid_item_id", f"Item with item_id '{event.item_id}' not found.", "item_id"
             )
-        self._emit("conversation.item.retrieved", item=item.public(with_audio=True))
+        out_format = self.session["audio"]["output"]["format"]
+        self._emit("conversation.item.retrieved", item=item.public(lambda pcm: _to_wire(pcm, out_format)))
 
     def _on_conversation_item_delete(self, event: m.ConversationItemDelete) -> None:
         item = self._item(event.item_id)
@@ -615,6 +654,12 @@ class SimSession:
         if isinstance(tool_choice, m.RealtimeModel):
             tool_choice = tool_choice.model_dump()
         max_tokens = params.max_output_tokens or self.session["max_output_tokens"]
+        output_format = copy.deepcopy(self.session["audio"]["output"]["format"])
+        if params.audio is not None and params.audio.output is not None and params.audio.output.format is not None:
+            output_format = params.audio.output.format.model_dump(exclude_unset=True)
+            output_format.setdefault("type", "audio/pcm")
+            if output_format["type"] == "audio/pcm":
+                output_format.setdefault("rate", 24000)
         self.response = ActiveResponse(
             id=new_id("resp"),
             reply=_plan_reply(context, tools, tool_choice),
@@ -623,6 +668,7 @@ class SimSession:
             metadata=params.metadata,
             started_at=self._now,
             max_output_tokens=None if max_tokens == "inf" else int(max_tokens),
+            output_format=output_format,
         )
         self._emit("response.created", response=self._response_object("in_progress"))
         response = self.response
@@ -641,7 +687,7 @@ class SimSession:
             "conversation_id": self.id.replace("sess_", "conv_") if r.in_conversation else None,
             "output_modalities": [r.modality],
             "max_output_tokens": r.max_output_tokens if r.max_output_tokens is not None else "inf",
-            "audio": {"output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": self.session["audio"]["output"]["voice"]}},
+            "audio": {"output": {"format": copy.deepcopy(r.output_format), "voice": self.session["audio"]["output"]["voice"]}},
             "usage": None,
             "metadata": r.metadata,
         }
@@ -737,12 +783,15 @@ class SimSession:
     def _step_audio(self, r: ActiveResponse) -> bool:
         chunk = self.config.delta_ms * voice.BYTES_PER_MS
         audio = r.reply.audio
-        piece = audio[r.sent_audio : r.sent_audio + chunk]
+        start = r.sent_audio
+        piece = audio[start : start + chunk]
         if piece:
             r.sent_audio += len(piece)
             r.item.audio += piece
             self._assistant_audio_sent = True
-            self._emit("response.output_audio.delta", **self._content_ids(), delta=base64.b64encode(piece).decode())
+            law = _law(r.output_format)
+            wire = piece if law is None else _g711_slice(audio, start, start + len(piece), law)
+            self._emit("response.output_audio.delta", **self._content_ids(), delta=base64.b64encode(wire).decode())
         # The transcript runs slightly ahead of the audio, as the service's does.
         due_words = len(r.words) if not audio else math.ceil(len(r.words) * min(1.0, (r.sent_audio + chunk) / len(audio)))
         self._send_words(r, due_words, "response.output_audio_transcript.delta")
@@ -912,6 +961,27 @@ def _null_paths(changes: dict[str, Any], prefix: str = ""):
             yield prefix + key
         elif isinstance(value, dict):
             yield from _null_paths(value, f"{prefix}{key}.")
+
+
+def _law(fmt: dict[str, Any]) -> str | None:
+    """The G.711 law of an audio format, None for PCM."""
+    return fmt["type"] if fmt["type"] in G711_TYPES else None
+
+
+def _to_wire(pcm: bytes, fmt: dict[str, Any]) -> bytes:
+    """24 kHz PCM16 as audio of the format `fmt`."""
+    law = _law(fmt)
+    return pcm if law is None else g711.encode(g711.downsample_to_8k(pcm), law)
+
+
+def _g711_slice(pcm: bytes, start: int, end: int, law: str) -> bytes:
+    """G.711 of pcm[start:end] (byte offsets; `start` a multiple of 6, one 8 kHz sample), filtered with the audio
+    around it: consecutive slices join as if the whole had been converted at once."""
+    low, high = max(0, start - _SLICE_MARGIN), min(len(pcm), end + _SLICE_MARGIN)
+    pcm8 = g711.downsample_to_8k(pcm[low:high])  # sample k is pcm[low:high]'s sample 3k
+    skip = (start - low) // PCM_BYTES_PER_G711_BYTE
+    count = -(-(end - start) // PCM_BYTES_PER_G711_BYTE)
+    return g711.encode(pcm8[2 * skip : 2 * (skip + count)], law)
 
 
 def _plan_reply(context: list[SimItem], tools: list[dict[str, Any]], tool_choice: Any) -> Reply:

@@ -1,9 +1,9 @@
-"""The client's audio, from RTP packets to 20 ms chunks of 24 kHz PCM16, inline as each packet arrives.
+"""The client's audio, from RTP packets to the upstream's audio, inline as each packet arrives.
 
 Installed in place of aiortc's audio jitter buffer (see aiortc_internals). Per packet: in-order release with a small
-reorder window, Opus decode straight to 24 kHz mono on the event loop (no thread handoff, no resampler), silence for
-lost or missing audio so the upstream's audio timeline stays aligned with real time, and each packet's ~20 ms
-handed to `sink`.
+reorder window, then (InboundAudio) Opus decoded straight to 24 kHz mono PCM16 on the event loop (no thread handoff,
+no resampler), or (PassThroughInbound) a G.711 payload as it is; lost or missing audio is filled so that the
+upstream's audio timeline stays aligned with real time, and each packet's ~20 ms is handed to `sink`.
 """
 
 from __future__ import annotations
@@ -13,18 +13,19 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from relay.audio import opus
+from relay.audio.formats import CallAudio
 from relay.core.reorder import ReorderBuffer
 
 
 @dataclass
 class InboundStats:
     packets: int = 0
-    payload_bytes: int = 0  # RTP payloads received (Opus)
+    payload_bytes: int = 0  # RTP payloads received
     lost: int = 0  # packets given up on (a gap the reorder window did not fill)
     late: int = 0  # packets that came after their turn, or twice
     decode_errors: int = 0
     recovered_ms: float = 0.0  # lost audio rebuilt by Opus (in-band FEC, else loss concealment)
-    gap_fill_ms: float = 0.0  # longer gaps (the client paused) filled with silence
+    gap_fill_ms: float = 0.0  # gaps filled with silence (Opus: the client paused; G.711: any lost packet too)
     over_budget_ms: float = 0.0  # audio not sent because it would run ahead of real time
 
 
@@ -39,6 +40,11 @@ def _timestamp_distance(a: int, b: int) -> int:
 
 
 class InboundAudio:
+    """Opus in, 24 kHz PCM16 out."""
+
+    TICKS_PER_MS = 48  # RTP clock ticks a millisecond, and bytes of upstream audio (see relay/audio/formats.py)
+    SAMPLE_BYTES = 2
+
     def __init__(
         self,
         sink: Callable[[bytes], None],
@@ -48,14 +54,17 @@ class InboundAudio:
     ) -> None:
         self._sink = sink
         self._reorder: ReorderBuffer[Any] = ReorderBuffer(reorder_window)
-        self._decoder = opus.Decoder()
+        self._decoder = self._new_decoder()
         self._next_timestamp: int | None = None
-        self._max_gap_samples = max_gap_fill_ms * 48
+        self._max_gap_samples = max_gap_fill_ms * self.TICKS_PER_MS
         self._clock = clock
         self.first_packet_at: float | None = None
         self.last_packet_at: float | None = None
         self._sent_ms = 0.0
         self.stats = InboundStats()
+
+    def _new_decoder(self) -> opus.Decoder | None:
+        return opus.Decoder()
 
     # aiortc's JitterBuffer interface: called for every depayloaded RTP packet of the audio receiver.
     def add(self, packet: Any) -> tuple[bool, None]:
@@ -111,13 +120,43 @@ class InboundAudio:
         """Hand audio on, never more than real time since the first packet (plus slack for jitter): timestamps
         and Opus frame sizes are the client's to choose, and upstream audio is paid for."""
         allowed_ms = (self.last_packet_at - self.first_packet_at) * 1000 + BUDGET_SLACK_MS - self._sent_ms
-        length_ms = len(pcm24) / 48
+        per_ms = self.TICKS_PER_MS
+        length_ms = len(pcm24) / per_ms
         if length_ms > allowed_ms:
-            keep = max(0, int(allowed_ms * 48)) // 2 * 2
-            self.stats.over_budget_ms += length_ms - keep / 48
+            keep = max(0, int(allowed_ms * per_ms)) // self.SAMPLE_BYTES * self.SAMPLE_BYTES
+            self.stats.over_budget_ms += length_ms - keep / per_ms
             pcm24 = pcm24[:keep]
         # Each packet's audio goes out as it is: ~20 ms. Cutting exact 20 ms chunks would hold every chunk back
         # for the next packet, because the resampler's delay shifts the boundaries by a few samples.
         if pcm24:
-            self._sent_ms += len(pcm24) / 48
+            self._sent_ms += len(pcm24) / per_ms
             self._sink(pcm24)
+
+
+class PassThroughInbound(InboundAudio):
+    """G.711 in, the same bytes out (the upstream takes `audio/pcmu` and `audio/pcma` as they are). A lost packet
+    is filled with the law's silence, a byte a tick: G.711 has nothing to conceal it with."""
+
+    TICKS_PER_MS = 8
+    SAMPLE_BYTES = 1
+
+    def __init__(self, sink: Callable[[bytes], None], audio: CallAudio, reorder_window: int = 2,
+                 max_gap_fill_ms: int = 1000, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(sink, reorder_window, max_gap_fill_ms, clock)
+        self._silence = audio.silence(1)
+
+    def _new_decoder(self) -> None:
+        return None
+
+    def _decode(self, timestamp: int, payload: bytes) -> None:
+        if self._next_timestamp is not None:
+            missing = _timestamp_distance(self._next_timestamp, timestamp)
+            if missing > 0:
+                self._fill(min(missing, self._max_gap_samples))
+        if payload:
+            self._emit(payload)
+            self._next_timestamp = (timestamp + len(payload)) % 2**32  # a byte a tick
+
+    def _fill(self, ticks: int) -> None:
+        self.stats.gap_fill_ms += ticks / self.TICKS_PER_MS
+        self._emit(self._silence * ticks)

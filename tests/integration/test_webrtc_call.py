@@ -392,18 +392,19 @@ async def test_retrieving_a_long_item_keeps_the_call_up_and_leaves_its_audio_out
         await call.close()
 
 
-async def test_an_offer_without_opus_is_a_400(relay):
-    def pcmu_only(sdp: str) -> str:
-        """The client's offer with Opus taken out (its payload type and every line about it)."""
-        opus = re.search(r"a=rtpmap:(\d+) opus/48000", sdp).group(1)
-        lines = [line for line in sdp.split("\r\n") if not re.match(rf"a=(rtpmap|fmtp|rtcp-fb):{opus}\b", line)]
+async def test_an_offer_with_none_of_opus_pcmu_pcma_is_a_400(relay):
+    def g722_only(sdp: str) -> str:
+        """The client's offer with Opus, PCMU and PCMA taken out (their payload types and every line about them)."""
+        gone = {re.search(rf"a=rtpmap:(\d+) {name}", sdp).group(1) for name in ("opus/48000", "PCMU/8000", "PCMA/8000")}
+        lines = [line for line in sdp.split("\r\n")
+                 if not any(re.match(rf"a=(rtpmap|fmtp|rtcp-fb):{pt}\b", line) for pt in gone)]
         return "\r\n".join(
-            " ".join(p for p in line.split(" ") if p != opus) if line.startswith("m=audio") else line for line in lines
+            " ".join(p for p in line.split(" ") if p not in gone) if line.startswith("m=audio") else line for line in lines
         )
 
     with pytest.raises(AssertionError, match="400") as failure:
-        await call_relay(relay.url, mutate_offer=pcmu_only)
-    assert "invalid_offer" in str(failure.value) and relay.calls == {}
+        await call_relay(relay.url, mutate_offer=g722_only)
+    assert "invalid_offer" in str(failure.value) and "Opus, PCMU or PCMA" in str(failure.value) and relay.calls == {}
 
 
 @pytest.mark.parametrize(
