@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from relay.cluster.ids import NODE_ID
 from relay.core.policy import DEFAULT_CLIENT_FIELDS
 from relay.protocol.session import MODEL_NAME
 
@@ -59,6 +60,18 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _base_url(value: str) -> str:
+    """An http(s)://HOST[:PORT] URL (a path prefix allowed; no query, no fragment), without its trailing slash."""
+    parts = urlsplit(value)
+    try:
+        _ = parts.port  # reading it checks it
+    except ValueError:
+        raise ValueError(f"{value!r} has a bad port") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL (scheme://host[:port])")
+    return value.rstrip("/")
 
 
 class SettingsError(ValueError):
@@ -249,6 +262,34 @@ class Settings(BaseModel):
         None, description="directory for one JSON Lines transcript file per call, <call_id>.jsonl (default: none; "
         "transcripts of the last 1000 calls stay in memory)",
     )
+    # Cluster mode (relay/cluster/, relay/server/cluster.py): several relays behind one address.
+    node_id: str | None = Field(
+        None, description="this relay's node id in a cluster, letters and digits (e.g. a StatefulSet pod's ordinal): "
+        "call ids name it, and a request about a call that reaches another relay is forwarded here (default: none, "
+        "a relay on its own); needs RELAY_CLUSTER_SECRET, and RELAY_PEER_URL_TEMPLATE or RELAY_REDIS_URL with "
+        "RELAY_ADVERTISE_URL",
+    )
+    cluster_secret: SecretStr | None = Field(
+        None, description="the key (32 characters or more) relays sign the requests they forward to each other with "
+        "(HMAC-SHA256); the same on every relay, needed with RELAY_NODE_ID",
+    )
+    advertise_url: str | None = Field(
+        None, description="how the other relays reach this one (http://ADDRESS:PORT), written in the registry in "
+        "Redis (default: RELAY_PEER_URL_TEMPLATE with this node id)",
+    )
+    peer_url_template: str | None = Field(
+        None, description="how a relay is reached from its node id when the registry does not say (no Redis, Redis "
+        "down, or the node not in it), with {node} for the id, e.g. http://relay-{node}.relay-internal:8080",
+    )
+    redis_url: str | None = Field(
+        None, description="Redis the relays share state through (redis://HOST:PORT/DB, rediss://, unix://): the node "
+        "registry, cluster-wide rate limits, single-use client secrets, calls' transcripts (default: none, each "
+        "relay on its own)",
+    )
+    transcript_ttl_s: int = Field(
+        3600, ge=60, le=30 * 86400, description="with RELAY_REDIS_URL, how long Redis keeps a call's transcript after "
+        "its last change (for GET .../transcript and ?resume= at any relay)",
+    )
     prices: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_PRICES),
         description="USD per million tokens, JSON, for cost estimates: "
@@ -407,6 +448,60 @@ class Settings(BaseModel):
             if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path):
                 raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path) or *")
         return value
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, value: str | None) -> str | None:
+        if value is not None and not NODE_ID.fullmatch(value):
+            raise ValueError(f"{value!r} is not a node id: 1 to 32 letters and digits (a StatefulSet pod's ordinal "
+                             "will do)")
+        return value
+
+    @field_validator("cluster_secret")
+    @classmethod
+    def _strong_cluster_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("use at least 32 characters (e.g. openssl rand -hex 32)")
+        return value
+
+    @field_validator("advertise_url")
+    @classmethod
+    def _advertise_url(cls, value: str | None) -> str | None:
+        return None if value is None else _base_url(value)
+
+    @field_validator("peer_url_template")
+    @classmethod
+    def _peer_url_template(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if "{node}" not in value:
+            raise ValueError(f"{value!r} has no {{node}} for the node id")
+        _base_url(value.replace("{node}", "0"))
+        return value.rstrip("/")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        parts = urlsplit(value or "")
+        if value is not None and (parts.scheme not in ("redis", "rediss", "unix") or not (parts.netloc or parts.path)):
+            raise ValueError("must be a redis://HOST[:PORT][/DB], rediss:// or unix:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _cluster_wiring(self) -> "Settings":
+        """A node id needs the key its requests are signed with and a way for the relays to find each other."""
+        if self.node_id is None:
+            if self.advertise_url or self.peer_url_template:
+                raise ValueError("advertise_url (RELAY_ADVERTISE_URL) and peer_url_template "
+                                 "(RELAY_PEER_URL_TEMPLATE) need node_id (RELAY_NODE_ID)")
+            return self
+        if self.cluster_secret is None:
+            raise ValueError("node_id (RELAY_NODE_ID) needs cluster_secret (RELAY_CLUSTER_SECRET): the key the "
+                             "relays sign forwarded requests with")
+        if not self.peer_url_template and not (self.redis_url and self.advertise_url):
+            raise ValueError("node_id (RELAY_NODE_ID) needs RELAY_PEER_URL_TEMPLATE, or RELAY_REDIS_URL and "
+                             "RELAY_ADVERTISE_URL: how the relays reach each other")
+        return self
 
     @model_validator(mode="after")
     def _no_open_access_off_loopback(self) -> "Settings":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import contextlib
 import logging
@@ -17,10 +18,13 @@ from relay.config import Settings
 from relay.core.policy import EventPolicy
 from relay.simulator.config import SimConfig
 from relay.simulator.server import RunningSimulator, start_simulator
+from relay.cluster.registry import Entry
 from relay.server.auth import add_auth, may_call
 from relay.server.errors import json_errors
 from relay.server.control import add_control_route
-from relay.server.calls import CALLS, SHUTTING_DOWN, TOOLBOX, add_call_routes, call_capacity, drain
+from relay.server.calls import CALLS, KEY_BURST, SHUTTING_DOWN, TOOLBOX, add_call_routes, call_capacity, drain
+from relay.server.cluster import Cluster, add_cluster
+from relay.server.limits import BURST
 from relay.server.metrics import add_metrics
 from relay.server.workers import Worker
 from relay.upstream.target import ModelChoice, UpstreamTarget, choose_upstream
@@ -72,6 +76,13 @@ def client_config(settings: Settings):
     return handler
 
 
+def registry_entry(app: web.Application, url: str) -> Entry:
+    """What this worker says of itself in the cluster's registry."""
+    capacity = call_capacity(app)
+    return Entry(url, "draining" if app[SHUTTING_DOWN].is_set() else "serving", capacity.calls, capacity.limit,
+                 time.time())
+
+
 def create_app(settings: Settings, upstream: UpstreamTarget, worker: Worker = Worker()) -> web.Application:
     """The relay's routes. Applies the process-wide aiortc adjustments: the ICE address restriction (aioice has
     no per-call option) and the faster audio sender."""
@@ -79,6 +90,8 @@ def create_app(settings: Settings, upstream: UpstreamTarget, worker: Worker = Wo
     speed_up_audio_sender()
     speed_up_ntp_clock()
     guard_ice_data()
+    worker = dataclasses.replace(worker, node=settings.node_id)  # call ids name the node, in a cluster
+    cluster = Cluster.of(settings, worker, ip_burst=BURST, key_burst=KEY_BURST)
     app = web.Application(client_max_size=settings.max_sdp_bytes)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -87,7 +100,9 @@ def create_app(settings: Settings, upstream: UpstreamTarget, worker: Worker = Wo
     app.router.add_static("/static/", STATIC)
     add_call_routes(app, settings, upstream, worker)
     add_control_route(app)
-    add_auth(app, settings, worker, CALLS, ModelChoice.of(settings, upstream), app[TOOLBOX].definitions())
+    add_auth(app, settings, worker, CALLS, ModelChoice.of(settings, upstream), app[TOOLBOX].definitions(),
+             single_use=cluster.single_use)
+    add_cluster(app, cluster, app[CALLS], lambda: registry_entry(app, cluster.advertise_url or ""))
     app.middlewares.append(json_errors(settings.max_sdp_bytes))  # innermost: sees what the routes and aiohttp raise
     add_metrics(app, settings.metrics, CALLS)
     return app

@@ -13,7 +13,14 @@ Tokens are `ek_<base64url(iv + AES-GCM(zlib(JSON claims)))>`, sealed with a key 
 claims (expiry, nonce, minting worker, session) travel inside the token, unreadable to its holder (a session's
 instructions are the operator's) and unforgeable, so any relay process sharing `RELAY_TOKEN_SECRET` accepts it
 without asking anyone. Only `RELAY_CLIENT_SECRET_SINGLE_USE` needs memory: then the minting worker keeps the
-nonces not used yet, and a call with such a token is created by that worker.
+nonces not used yet, and a call with such a token is created by that worker; with RELAY_REDIS_URL, Redis remembers
+which were used instead (relay/cluster/single_use.py), so any worker of any relay takes one, once, and refuses it
+while Redis cannot say (fails closed).
+
+In a cluster a request another relay forwarded carries no credentials: that relay checked them and says, signed,
+who the caller is (relay/server/cluster.py checks the signature and puts it under FORWARDED_FOR): `backend:<key
+index>`, `secret:<nonce>` (a client secret, good for ending the calls it created), `relay` (a relay reading a
+transcript, to resume its call) or `anyone` (open access).
 """
 
 from __future__ import annotations
@@ -34,13 +41,15 @@ from aiohttp import web
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from relay.cluster.single_use import SingleUse
+from relay.cluster.store import SharedStateError
 from relay.config import Settings
 from relay.core.call import with_tools
 from relay.core.policy import EventPolicy, call_model
 from relay.protocol import ProtocolError, new_id, parse_client_event
 from relay.protocol.session import filled_in, merge
 from relay.server.errors import error_response
-from relay.server.workers import FORWARDED, Worker, forward
+from relay.server.workers import FORWARDED, Worker, forward, from_a_worker
 from relay.upstream.target import ModelChoice
 
 TOKEN_PREFIX = "ek_"
@@ -79,6 +88,7 @@ class Tokens:
     secret: bytes
     worker: int = 0
     single_use: bool = False
+    shared: bool = False  # single use remembered in Redis, not here
     _unused: dict[str, int] = field(default_factory=dict)  # single use: nonce -> expiry, of tokens not yet used
 
     def __post_init__(self) -> None:
@@ -86,7 +96,8 @@ class Tokens:
 
     def mint(self, session: dict[str, Any] | None, ttl_s: int, now: float) -> tuple[str, int]:
         """A new token and its expiry (unix seconds)."""
-        if self.single_use:
+        remember = self.single_use and not self.shared
+        if remember:
             self._forget_expired(now)
             if len(self._unused) >= MAX_UNUSED_TOKENS:
                 raise TokenError("Too many client secrets are outstanding; try again later.")
@@ -99,7 +110,7 @@ class Tokens:
         if len(token) > MAX_TOKEN_CHARS:
             raise ValueError(f"the session makes a client secret longer than {MAX_TOKEN_CHARS} characters (it "
                              "travels in a header); put what every call shares in RELAY_SESSION")
-        if self.single_use:
+        if remember:
             self._unused[nonce] = expires_at
         return token, expires_at
 
@@ -180,6 +191,8 @@ TOKEN_SESSION: Any = _RequestKey("token_session", object) if _RequestKey else "r
 TOKEN_NONCE: Any = _RequestKey("token_nonce", object) if _RequestKey else "relay.token_nonce"
 # Set when an API key was shown: which one ("key0", "key1"…, for its call-rate allowance).
 BACKEND: Any = _RequestKey("backend", object) if _RequestKey else "relay.backend"
+# Set on a request another relay forwarded, signed (relay/cluster/signing.Forwarded): who it says the caller is.
+FORWARDED_FOR: Any = _RequestKey("forwarded_for", object) if _RequestKey else "relay.forwarded_for"
 API_PREFIX = "/v1/realtime/"
 # Every answer to an allowed origin: what the SDKs read (the call's Location) is exposed.
 CORS_HEADERS = {"Access-Control-Expose-Headers": "Location", "Vary": "Origin"}
@@ -213,7 +226,10 @@ def auth_middleware(settings: Settings, worker: Worker, calls_key: web.AppKey):
             if "Origin" in request.headers else {}
         if request.method == "OPTIONS":
             return web.Response(status=204, headers=cors and _preflight(cors, request))
-        response = await _authorised(request, handler, keys, worker, calls_key)
+        if FORWARDED_FOR in request:
+            response = await _as_forwarded(request, handler, keys, calls_key)
+        else:
+            response = await _authorised(request, handler, keys, worker, calls_key)
         response.headers.update(cors)
         return response
 
@@ -233,6 +249,8 @@ async def _authorised(request: web.Request, handler, keys: list[str], worker: Wo
         return await _with_token(request, handler, presented, worker, creating)
     if not keys or not request.path.startswith(API_PREFIX):
         return await handler(request)  # open access; /relay/ (client config) is for any client
+    if presented is None and _a_worker_resuming(request):
+        return await handler(request)
     if presented is None:
         return refusal(401, "missing_api_key", "Send an API key (or a client secret) as 'Authorization: Bearer'.")
     index = api_key_index(presented, keys)
@@ -244,6 +262,13 @@ async def _authorised(request: web.Request, handler, keys: list[str], worker: Wo
     return refusal(401, "invalid_api_key", "The API key is not valid.")
 
 
+def _a_worker_resuming(request: web.Request) -> bool:
+    """Another worker reading a transcript, for a call that resumes this worker's call (calls.py asks with no
+    credentials: its caller's were checked there, and they may be a client secret's, which reads no transcript)."""
+    return (request.method == "GET" and request.path.endswith("/transcript") and FORWARDED in request.headers
+            and from_a_worker(request))
+
+
 async def _with_token(request: web.Request, handler, token: str, worker: Worker, creating: bool):
     tokens = request.app[TOKENS]
     try:
@@ -252,7 +277,12 @@ async def _with_token(request: web.Request, handler, token: str, worker: Worker,
         return refusal(401, "invalid_client_secret", str(exc))
     if not creating:
         return await handler(request)  # open access: a token is as good as nothing
-    if claims.single_use:  # as minted, whatever this relay's own setting (relays may differ during a change)
+    shared = request.app[SINGLE_USE]
+    if claims.single_use and shared is not None:
+        refused = await _use_once(shared, claims)
+        if refused is not None:
+            return refused
+    elif claims.single_use:  # as minted, whatever this relay's own setting (relays may differ during a change)
         if claims.worker != worker.index:
             if claims.worker >= worker.count or FORWARDED in request.headers:
                 return refusal(401, "invalid_client_secret", "The client secret is not valid.")
@@ -266,19 +296,62 @@ async def _with_token(request: web.Request, handler, token: str, worker: Worker,
     return await handler(request)
 
 
+async def _use_once(shared: SingleUse, claims: Claims) -> web.Response | None:
+    """Single use across relays: the first use of the secret anywhere goes on (None); a second is refused, and so
+    is any while Redis cannot say (failing closed: a secret must not make two calls)."""
+    try:
+        first = await shared.consume(claims.nonce, claims.expires_at, time.time())
+    except SharedStateError:
+        return error_response(503, "client_secret_unverifiable", "Single-use client secrets cannot be checked right "
+                              "now (the relays' shared state, Redis, is unreachable); try again shortly.",
+                              "server_error", headers={"Retry-After": "1"})
+    return None if first else refusal(401, "invalid_client_secret", "The client secret has already been used.")
+
+
 async def _token_on_its_call(request: web.Request, handler, token: str, calls_key: web.AppKey):
     """A client secret ends the calls it created (hangup, DELETE), however long they last; nothing else (a
     transcript needs a key)."""
+    return await _ends_its_own_call(request, handler, request.app[TOKENS].signed_nonce(token), calls_key)
+
+
+async def _ends_its_own_call(request: web.Request, handler, nonce: str | None, calls_key: web.AppKey):
+    """The caller holds the client secret whose nonce is `nonce` (None: not one of ours)."""
     call_id = request.match_info.get("call_id")
     ending = request.method == "DELETE" or (request.method == "POST" and request.path.endswith("/hangup"))
     if not ending:
         return refusal(401, "invalid_api_key", "A client secret is good for creating calls and ending them only.")
     call = request.app[calls_key].get(call_id) if call_id else None
     if call is None and call_id:
-        return await handler(request)  # another worker's call (forwarded there, and checked there) or none: 404
-    if call is not None and call.token_nonce is not None and call.token_nonce == request.app[TOKENS].signed_nonce(token):
+        # Another worker's or node's call (forwarded there with the nonce, and checked there) or none: 404.
+        request[TOKEN_NONCE] = nonce
+        return await handler(request)
+    if call is not None and call.token_nonce is not None and call.token_nonce == nonce:
         return await handler(request)
     return refusal(401, "invalid_api_key", "A client secret ends the calls it created, and no other.")
+
+
+async def _as_forwarded(request: web.Request, handler, keys: list[str], calls_key: web.AppKey):
+    """A request another relay forwarded, signed: the caller is who it says (it checked the credentials)."""
+    kind, _, value = request[FORWARDED_FOR].caller.partition(":")
+    if kind == "backend" and value:
+        request[BACKEND] = value
+        return await handler(request)
+    if kind == "relay" and request.method == "GET" and request.path.endswith("/transcript"):
+        return await handler(request)  # a relay resuming the call elsewhere
+    if not keys:
+        return await handler(request)  # open access
+    if kind == "secret" and value:
+        return await _ends_its_own_call(request, handler, value, calls_key)
+    return refusal(401, "missing_api_key", "Send an API key (or a client secret) as 'Authorization: Bearer'.")
+
+
+def caller_of(request: web.Request) -> str:
+    """Who auth found the caller of this request to be, as a forwarded request says it (see the module's doc)."""
+    if request.get(BACKEND) is not None:
+        return f"backend:{request[BACKEND]}"
+    if request.get(TOKEN_NONCE) is not None:
+        return f"secret:{request[TOKEN_NONCE]}"
+    return "anyone"
 
 
 def may_call(request: web.Request) -> bool:
@@ -346,14 +419,18 @@ async def client_secrets(request: web.Request) -> web.Response:
 SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("auth_settings")
 MODELS: web.AppKey[ModelChoice] = web.AppKey("models")  # the default model, and those clients may ask for
 SERVER_TOOLS: web.AppKey[list[dict[str, Any]]] = web.AppKey("server_tools")  # added to every call's tools
+SINGLE_USE: web.AppKey[SingleUse | None] = web.AppKey("single_use")  # with Redis: single-use secrets' memory
 
 
 def add_auth(app: web.Application, settings: Settings, worker: Worker, calls_key: web.AppKey,
-             models: ModelChoice, server_tools: list[dict[str, Any]]) -> None:
+             models: ModelChoice, server_tools: list[dict[str, Any]], single_use: SingleUse | None = None) -> None:
     """Install the checks in front of every other middleware, and the client_secrets route. `models` (which a
-    client may ask for) and `server_tools` (the relay's own) shape the session a client secret reports."""
+    client may ask for) and `server_tools` (the relay's own) shape the session a client secret reports;
+    `single_use`: where single-use secrets' use is remembered, if not in the minting worker (Redis)."""
     secret = settings.token_secret.get_secret_value().encode() if settings.token_secret else secrets.token_bytes(32)
-    app[TOKENS] = Tokens(secret, worker.index, single_use=settings.client_secret_single_use)
+    app[TOKENS] = Tokens(secret, worker.index, single_use=settings.client_secret_single_use,
+                         shared=single_use is not None)
+    app[SINGLE_USE] = single_use
     app[SETTINGS_KEY] = settings
     app[MODELS] = models
     app[SERVER_TOOLS] = server_tools

@@ -1,5 +1,6 @@
 """The call routes: `POST /v1/realtime/calls` (signaling), hangup, `DELETE`, the transcript; this worker's calls,
-its limits on them (rate per address or API key, capacity), and draining them on shutdown.
+its limits on them (rate per address or API key, cluster-wide through Redis when there is one; capacity), and
+draining them on shutdown. Another node's calls are relay/server/cluster.py's.
 
 HTTP only: the request is read and checked here (body size, SDP or multipart, the session part, resume, the model,
 the client secret's locked settings), then a Call (relay/call/) is made and started, and the answer or the error
@@ -24,12 +25,15 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from relay.call.call import Call
 from relay.call.peer import SetupError, offered_audio
+from relay.cluster.store import SharedStateError
+from relay.cluster.transcripts import answer as stored_answer
 from relay.config import Settings
 from relay.core.history import History
 from relay.core.policy import EventPolicy, Refusal, call_model, starting_session
 from relay.protocol import new_id
 from relay.server import metrics
 from relay.server.auth import BACKEND, MODELS, TOKEN_NONCE, TOKEN_SESSION
+from relay.server.cluster import CLUSTER, history_elsewhere
 from relay.server.errors import error_response
 from relay.server.limits import Networks, RateLimiter, client_address, networks, rate_key, retry_after
 from relay.server.workers import Worker, ask_worker, peer_address, routing_middleware
@@ -55,7 +59,7 @@ SHUTTING_DOWN: web.AppKey[asyncio.Event] = web.AppKey("shutting_down")
 ENDED: web.AppKey["OrderedDict[str, History]"] = web.AppKey("ended")  # the last calls' transcripts, newest last
 ENDED_KEPT = 1000
 TOOLBOX: web.AppKey[Toolbox] = web.AppKey("toolbox")
-CALL_ID = re.compile(r"rtc_[A-Za-z0-9]{1,64}")
+CALL_ID = re.compile(r"rtc_[A-Za-z0-9_]{1,64}")  # `_`: a cluster's ids name the node (relay/cluster/ids.py)
 WORKER: web.AppKey[Worker] = web.AppKey("worker")
 STARTING: web.AppKey[set[str]] = web.AppKey("starting")  # calls being set up: they count against the limit
 LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter")  # per client address, for callers without an API key
@@ -143,7 +147,7 @@ async def create_call(request: web.Request) -> web.Response:
     calls = request.app[CALLS]
     if request.app[SHUTTING_DOWN].is_set():
         return shutting_down_response()
-    refused = _over_limits(request)
+    refused = await _over_limits(request)
     if refused is not None:
         return refused
     call_id = request.app[WORKER].call_id(new_id("rtc"))  # says which worker owns it
@@ -155,7 +159,7 @@ async def create_call(request: web.Request) -> web.Response:
         starting.discard(call_id)
 
 
-def _over_limits(request: web.Request) -> web.Response | None:
+async def _over_limits(request: web.Request) -> web.Response | None:
     """429 when this caller creates calls too fast (a backend by its API key, anyone else by address), 503 when
     the relay carries all the calls it may."""
     app = request.app
@@ -166,7 +170,7 @@ def _over_limits(request: web.Request) -> web.Response | None:
         limiter, who = app[LIMITER], rate_key(client_address(peer_address(request), forwarded_for, app[PROXIES]))
     else:
         limiter, who = app[KEY_LIMITER], key
-    wait = limiter.take(who, time.monotonic())
+    wait = await _wait_for_token(app, key is None, limiter, who)
     if wait:
         source = "address; try again later (RELAY_CALLS_PER_IP_PER_S)" if key is None else \
             "API key; try again later (RELAY_CALLS_PER_KEY_PER_S)"
@@ -189,7 +193,7 @@ async def _create_call(request: web.Request, settings: Settings, calls: dict[str
     if resume is not None and earlier is None:
         return error_response(404, "call_not_found", "No conversation is kept for that call id, so it cannot be "
                               "resumed (transcripts outlive a call in memory for the last calls only; set "
-                              "RELAY_HISTORY_DIR to keep them).", param="resume")
+                              "RELAY_HISTORY_DIR or RELAY_REDIS_URL to keep them).", param="resume")
     audio = offered_audio(offer)
     if audio is None:
         return error_response(400, "invalid_offer", "The SDP offer's audio offers none of the codecs the relay "
@@ -231,6 +235,17 @@ async def _create_call(request: web.Request, settings: Settings, calls: dict[str
     )
 
 
+async def _wait_for_token(app: web.Application, by_address: bool, limiter: RateLimiter, who: str) -> float:
+    """The cluster-wide bucket in Redis if there is one; Redis down: this process's own (the limits fail open to
+    per-process ones, counted in relay_redis_errors_total{what="limits"})."""
+    cluster = app[CLUSTER]
+    shared = cluster.ip_limits if by_address else cluster.key_limits
+    if shared is not None:
+        with contextlib.suppress(SharedStateError):
+            return await shared.take(who)
+    return limiter.take(who, time.monotonic())
+
+
 def call_policy(settings: Settings, toolbox: Toolbox, locked: dict[str, Any] | None) -> EventPolicy:
     """What a call's client may change: the operator's choice of fields, less its client secret's settings (its
     model is the call's choice at creation, not a lock)."""
@@ -245,6 +260,7 @@ def _ended(app: web.Application, call: Call) -> None:
     ended[call.id] = call.history
     while len(ended) > ENDED_KEPT:
         ended.popitem(last=False)
+    app[CLUSTER].call_ended(call.id, call.history)  # with Redis: any relay will serve its transcript
 
 
 def _kept_history(app: web.Application, call_id: str) -> tuple[History | None, str]:
@@ -270,16 +286,20 @@ def _kept_history(app: web.Application, call_id: str) -> tuple[History | None, s
 
 async def transcript(request: web.Request) -> web.Response:
     """The call's conversation as text, with its usage: live while it runs, then from memory (the last
-    ENDED_KEPT calls) or from its JSON Lines log."""
+    ENDED_KEPT calls), from its JSON Lines log, or from Redis (as the call's relay last wrote it)."""
     call_id = request.match_info["call_id"]
     history, status = _kept_history(request.app, call_id)
     if history is None:
+        stored = await request.app[CLUSTER].stored_transcript(call_id)
+        if stored is not None:
+            return web.json_response(stored_answer(stored))
         return error_response(404, "call_not_found", "No such call, or its transcript is no longer kept.")
     return web.json_response({"call_id": call_id, "status": status, **history.snapshot()})
 
 
 async def _history_to_resume(app: web.Application, call_id: str) -> History | None:
-    """The history a new call resumes: this worker's, the log's, or the owning worker's (asked over its socket)."""
+    """The history a new call resumes: this worker's, the log's, the owning worker's (asked over its socket), the
+    owning node's (asked over HTTP), or what Redis last got."""
     if not CALL_ID.fullmatch(call_id):
         return None
     history, _ = _kept_history(app, call_id)
@@ -289,6 +309,8 @@ async def _history_to_resume(app: web.Application, call_id: str) -> History | No
         if answer is not None and answer[0] == 200:
             with contextlib.suppress(ValueError, AttributeError):
                 history = History.from_snapshot(json.loads(answer[2]), app[SETTINGS].prices)
+    if history is None:
+        history = await history_elsewhere(app[CLUSTER], call_id, app[SETTINGS].prices)
     return history
 
 

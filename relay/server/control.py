@@ -4,8 +4,9 @@ HTTP only: who may attach (an API key, as `Authorization: Bearer` or the `openai
 subprotocol; never a client secret), to which call (live, on this worker, or forwarded to the worker that owns it,
 whose id names it), how many at once (RELAY_MAX_BACKENDS_PER_CALL); refusals before the upgrade are OpenAI's JSON
 errors. Once upgraded the socket is the call's BackendLink's (relay/call/backend.py); this route reads its messages
-until it closes. Across workers the socket is relayed frame by frame over the owner's Unix socket, and the owner
-applies the same checks and bounds.
+until it closes. Across workers the socket is relayed frame by frame over the owner's Unix socket, and across the
+relays of a cluster over HTTP to the node that owns the call, signed (relay/server/cluster.py) with the key's index
+in place of the key; the owner applies the same checks and bounds.
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 from aiohttp import ClientError, ClientSession, UnixConnector, WSMsgType, WSServerHandshakeError, web
+from yarl import URL
 
 from relay.call.backend import CLOSE_POLICY, CLOSE_TIMEOUT_S, BackendLink
-from relay.server.auth import TOKEN_PREFIX, bearer, is_api_key, origin_allowed, refusal
+from relay.cluster.signing import HEADERS as CLUSTER_HEADERS
+from relay.server.auth import FORWARDED_FOR, TOKEN_PREFIX, api_key_index, bearer, is_api_key, origin_allowed, refusal
 from relay.server.calls import CALLS, ENDED, SETTINGS, WORKER
+from relay.server.cluster import (ANSWER_TIMEOUT_S, CLUSTER, GONE, REFUSED, NodeAnswer, as_response, client_of,
+                                 counted, signature_refused_by)
 from relay.server.errors import error_response
 from relay.server.workers import FORWARDED, PEER, peer_address
 
@@ -55,6 +61,11 @@ def who_refused(request: web.Request) -> web.Response | None:
                               "connect over WebRTC; this socket attaches a backend to a call.", param="call_id")
     keys = [key.get_secret_value() for key in settings.api_keys]
     key = presented_key(request)
+    forwarded = request.get(FORWARDED_FOR)
+    if forwarded is not None:  # another relay checked the key, and says so, signed
+        if not keys or forwarded.caller.startswith("backend:"):
+            return None
+        return refusal(401, "missing_api_key", "Send an API key as 'Authorization: Bearer'.")
     if not keys:
         return None  # open access
     if key is None:
@@ -73,6 +84,9 @@ async def control_socket(request: web.Request) -> web.StreamResponse:
     call_id = request.query["call_id"]
     call = request.app[CALLS].get(call_id)
     owner = request.app[WORKER].other_owner(call_id)
+    node = request.app[CLUSTER].other_node(call_id) if FORWARDED_FOR not in request else None
+    if call is None and node is not None:
+        return await relay_to_node(request, node)
     if call is None and owner is not None and FORWARDED not in request.headers:
         return await relay_to_owner(request, owner)
     if call is None or call.close_reason is not None:
@@ -116,13 +130,14 @@ async def relay_to_owner(request: web.Request, owner: int) -> web.StreamResponse
     """The call is another worker's: open the same socket there (over its Unix socket) and relay the frames both
     ways until either side closes; a refusal there is answered here, before the upgrade."""
     worker = request.app[WORKER]
-    headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "origin")}
+    passed = {"authorization", "origin"} | {name.lower() for name in CLUSTER_HEADERS}  # a node's signed request too
+    headers = {k: v for k, v in request.headers.items() if k.lower() in passed}
     headers |= {FORWARDED: "1", PEER: peer_address(request) or ""}
     offered = offered_protocols(request)
     session = ClientSession(connector=UnixConnector(path=str(worker.socket_path(owner))))
     try:
-        inner = await session.ws_connect(f"http://worker{request.path_qs}", headers=headers, protocols=offered,
-                                         max_msg_size=0, autoping=True)
+        inner = await session.ws_connect(URL(f"http://worker{request.raw_path}", encoded=True), headers=headers,
+                                         protocols=offered, max_msg_size=0, autoping=True)
     except WSServerHandshakeError as exc:
         await session.close()
         code, message = OWNER_REFUSALS.get(exc.status, ("worker_unavailable", "The worker that owns this call "
@@ -134,6 +149,67 @@ async def relay_to_owner(request: web.Request, owner: int) -> web.StreamResponse
                               "server_error")
     log.info("call %s: backend socket relayed to worker %d", request.query["call_id"], owner,
              extra={"call_id": request.query["call_id"], "event": "backend_relayed", "worker": owner})
+    try:
+        return await _bridge(request, inner)
+    finally:
+        await session.close()
+
+
+async def relay_to_node(request: web.Request, node: str) -> web.StreamResponse:
+    """The call is another relay's: open the same socket there, signed (the key's index, never the key), and relay
+    the frames both ways; a refusal there is answered here, before the upgrade; a node gone is a prompt 404."""
+    cluster = request.app[CLUSTER]
+    assert cluster.peers is not None and cluster.http is not None
+    started = time.monotonic()
+    url = await cluster.peers.url_of(node)
+    inner, refused = None, None
+    if url is None:
+        outcome = "owner_gone"
+    else:
+        headers = cluster.signed("GET", request.raw_path, b"", _caller(request), client_of(request, cluster))
+        protocols = [p for p in offered_protocols(request) if not p.startswith(KEY_SUBPROTOCOL)]  # never the key
+        inner, outcome, refused = await _open_at_node(cluster.http, URL(url + request.raw_path, encoded=True),
+                                                      headers, protocols)
+    counted(outcome, started)
+    if outcome == "refused":
+        signature_refused_by(node)
+    if inner is None:
+        return refused or as_response(NodeAnswer(outcome))
+    log.info("call %s: backend socket relayed to node %s", request.query["call_id"], node,
+             extra={"call_id": request.query["call_id"], "event": "backend_relayed", "node": node})
+    return await _bridge(request, inner)
+
+
+def _caller(request: web.Request) -> str:
+    """The key's index (as auth.py names it), or anyone on an open relay."""
+    keys = [key.get_secret_value() for key in request.app[SETTINGS].api_keys]
+    index = api_key_index(presented_key(request) or "", keys) if keys else None
+    return f"backend:key{index}" if index is not None else "anyone"
+
+
+async def _open_at_node(http: ClientSession, url: URL, headers: dict[str, str], protocols: list[str]
+                        ) -> tuple[Any, str, web.Response | None]:
+    """(the socket, the outcome, the owner's refusal as this relay answers it)."""
+    try:
+        async with asyncio.timeout(ANSWER_TIMEOUT_S):
+            inner = await http.ws_connect(url, headers=headers, protocols=protocols, max_msg_size=0, autoping=True)
+        return inner, "answered", None
+    except WSServerHandshakeError as exc:
+        if exc.status == 401 and exc.headers is not None and REFUSED in exc.headers:
+            return None, "refused", None
+        if exc.status in OWNER_REFUSALS:
+            return None, "answered", error_response(exc.status, *OWNER_REFUSALS[exc.status])
+        return None, "answered", error_response(503, "owner_unavailable", "The relay that carries this call did not "
+                                                "take the socket.", "server_error")
+    except GONE:
+        return None, "owner_gone", None
+    except (OSError, ClientError, asyncio.TimeoutError):
+        return None, "owner_unavailable", None
+
+
+async def _bridge(request: web.Request, inner: Any) -> web.StreamResponse:
+    """Upgrade the client's socket and relay frames between it and `inner` until either closes; `inner` is closed
+    on the way out."""
     try:
         outer = web.WebSocketResponse(protocols=PROTOCOLS, heartbeat=HEARTBEAT_S, timeout=CLOSE_TIMEOUT_S,
                                       max_msg_size=0)  # the owner enforces the limits
@@ -149,7 +225,6 @@ async def relay_to_owner(request: web.Request, owner: int) -> web.StreamResponse
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(inner.close(), CLOSE_TIMEOUT_S)
-        await session.close()
 
 
 async def _pump(source: Any, sink: Any) -> None:

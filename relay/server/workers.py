@@ -9,8 +9,9 @@ restarted (its calls are lost with it). The workers' Prometheus metrics live in 
 that any worker's /metrics shows them all.
 
 A call lives in the worker that answered its offer. Its id says which (`rtc_` + the worker's index in base 62 +
-random), and each worker also listens on a Unix socket of its own: a later request about a call (hangup, delete)
-that the kernel hands to another worker is forwarded there.
+random; in a cluster, `rtc_` + the node id + `_` + the worker's digit + random: relay/cluster/ids.py), and each
+worker also listens on a Unix socket of its own: a later request about a call (hangup, delete) that the kernel hands
+to another worker is forwarded there.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import secrets
 import shutil
 import signal
 import socket
-import string
 import subprocess
 import sys
 import tempfile
@@ -34,13 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, UnixConnector, web
+from yarl import URL
 
+from relay.cluster.ids import new_call_id, owner_of
 from relay.config import Settings
 from relay.server.errors import error_response
 
 log = logging.getLogger("relay")
 
-DIGITS = string.digits + string.ascii_letters  # base 62, as in the ids
 FORWARDED = "X-Relay-Forwarded"
 PEER = "X-Relay-Peer"  # the client's address, on a request forwarded to another worker
 MAX_RESTARTS_PER_MINUTE = 5
@@ -59,25 +60,28 @@ class Worker:
     index: int = 0
     count: int = 1
     sockets: Path | None = None  # the directory of the workers' Unix sockets
+    node: str | None = None  # the relay's RELAY_NODE_ID, in a cluster
 
     def socket_path(self, index: int) -> Path:
         assert self.sockets is not None
         return self.sockets / f"worker-{index}.sock"
 
     def call_id(self, random_id: str) -> str:
-        """`rtc_` + this worker's digit + the rest of a random id."""
-        prefix, rest = random_id.split("_", 1)
-        return f"{prefix}_{DIGITS[self.index]}{rest[1:]}"
+        """`rtc_` + (the node id + `_`) + this worker's digit + the rest of a random id."""
+        return new_call_id(random_id, self.index, self.node)
 
     @staticmethod
     def owner(call_id: str) -> int | None:
-        prefix, _, rest = call_id.partition("_")
-        return DIGITS.index(rest[0]) if prefix == "rtc" and rest and rest[0] in DIGITS else None
+        """The index of the worker that owns the call (of whichever node)."""
+        owner = owner_of(call_id)
+        return owner.worker if owner is not None else None
 
     def other_owner(self, call_id: str) -> int | None:
         """The index of the other worker of this relay that owns the call, if it is one."""
-        owner = Worker.owner(call_id)
-        return owner if owner is not None and owner != self.index and owner < self.count else None
+        owner = owner_of(call_id)
+        if owner is None or owner.node != self.node:
+            return None
+        return owner.worker if owner.worker != self.index and owner.worker < self.count else None
 
     @classmethod
     def from_env(cls) -> "Worker":
@@ -102,10 +106,15 @@ def routing_middleware(worker: Worker, calls_key: web.AppKey):
     return route
 
 
+def from_a_worker(request: web.Request) -> bool:
+    """Whether another worker of this relay sent the request (over this worker's Unix socket: no client can)."""
+    return isinstance(request.transport.get_extra_info("sockname") if request.transport else None, str)
+
+
 def peer_address(request: web.Request) -> str | None:
-    """The address of whoever connected: a request forwarded by another worker (over a Unix socket, so no client
-    can forge it) carries the address its first worker saw."""
-    if isinstance(request.transport.get_extra_info("sockname") if request.transport else None, str):
+    """The address of whoever connected: a request forwarded by another worker carries the address its first worker
+    saw."""
+    if from_a_worker(request):
         return request.headers.get(PEER, request.remote)
     return request.remote
 
@@ -113,7 +122,7 @@ def peer_address(request: web.Request) -> str | None:
 async def forward(request: web.Request, worker: Worker, owner: int) -> web.Response:
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS | {PEER.lower()}}
     headers[PEER] = peer_address(request) or ""
-    answer = await ask_worker(worker, owner, request.path_qs, request.method, headers, await request.read())
+    answer = await ask_worker(worker, owner, request.raw_path, request.method, headers, await request.read())
     if answer is None:
         return error_response(503, "worker_unavailable", "The worker that owns this call is not available.",
                               "server_error")
@@ -130,8 +139,9 @@ async def ask_worker(worker: Worker, index: int, path_qs: str, method: str = "GE
     try:
         async with ClientSession(connector=UnixConnector(path=str(worker.socket_path(index))),
                                  timeout=FORWARD_TIMEOUT) as session:
-            async with session.request(method, f"http://worker{path_qs}", headers=(headers or {}) | {FORWARDED: "1"},
-                                       data=body) as response:
+            # As received (%-encoded): a request signed by another relay (relay/cluster/signing.py) stays signed.
+            async with session.request(method, URL(f"http://worker{path_qs}", encoded=True),
+                                       headers=(headers or {}) | {FORWARDED: "1"}, data=body) as response:
                 return response.status, response.headers, await response.read()
     except (OSError, ClientError, asyncio.TimeoutError):
         return None
@@ -144,9 +154,13 @@ def _resolve_port(host: str, port: int) -> tuple[socket.socket, int]:
     """Check that host:port is free, then hold it with SO_REUSEPORT (not listening: it takes no connections).
 
     The first bind has no SO_REUSEPORT, so a port another relay already shares is refused here rather than joined.
+    It has SO_REUSEADDR (as the workers' own sockets): connections of a relay killed on this port linger in
+    TIME_WAIT for a minute, and its restart in place (a container in its pod) must not be refused for them; a port
+    someone listens on is refused all the same.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as check:
+        check.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         check.bind((host, port))
         port = check.getsockname()[1]
     probe = socket.socket(family, socket.SOCK_STREAM)

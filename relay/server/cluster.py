@@ -1,0 +1,387 @@
+"""The cluster's HTTP side (issue 19); what can be sans-I/O, and Redis, is relay/cluster/'s.
+
+- A request about a call (hangup, DELETE, transcript here; the backend's control socket in control.py) whose id
+  names another node is checked here as any other (auth.py), then forwarded to that node, signed
+  (relay/cluster/signing.py) with who the caller is and the client's address, never the client's credentials. The
+  owner's answer goes back as it came.
+- A signed request is trusted only when its signature is right and fresh (401 otherwise), and only for those
+  routes; it is never forwarded again (the owner's own workers still pass it on, workers.py).
+- A node that cannot be found (not in the registry, no template) or connected to within CONNECT_TIMEOUT_S is gone:
+  a request about its calls gets `404 call_not_found` at once, never a hanging request.
+- With Redis (RELAY_REDIS_URL): this worker's heartbeat in the registry, and its calls' transcripts, written as they
+  change and when they end, so that an ended call's transcript is served by any relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from aiohttp import (ClientConnectorError, ClientError, ClientSession, ClientTimeout, ConnectionTimeoutError,
+                     ServerDisconnectedError, TCPConnector, web)
+from yarl import URL
+
+from relay.cluster.ids import owner_of
+from relay.cluster.limits import SharedRateLimiter
+from relay.cluster.metrics import FORWARD_SECONDS, FORWARDED, SIGNATURES_REFUSED
+from relay.cluster.peers import Peers, template_url
+from relay.cluster.registry import BEAT_S, Entry, Registry
+from relay.cluster.signing import SIGNATURE, Forwarded, SignatureError, sign, verify
+from relay.cluster.single_use import SingleUse
+from relay.cluster.store import SharedStateError, Store, connect
+from relay.cluster.transcripts import Revisions, Transcripts, record
+from relay.cluster.transcripts import answer as stored_answer
+from relay.config import Settings
+from relay.core.history import History
+from relay.server.auth import FORWARDED_FOR, caller_of
+from relay.server.errors import error_response
+from relay.server.limits import Networks, client_address, networks
+from relay.server.workers import Worker, peer_address
+
+log = logging.getLogger("relay.cluster")
+CONNECT_TIMEOUT_S = 1.0  # no connection to a node by then: it is gone, its calls are 404
+ANSWER_TIMEOUT_S = 10.0  # connected, no answer by then: 503 (a hangup waits for its call to close)
+FORWARD_TIMEOUT = ClientTimeout(total=ANSWER_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+PUBLISH_EVERY_S = 1.0  # how often live calls' changed transcripts are written to Redis
+FINAL_WRITES_S = 2.0  # at shutdown, for the last transcripts and leaving the registry
+MAX_UNSAVED_ENDED = 1000  # ended calls' transcripts waiting for Redis to come back; beyond it the oldest are lost
+LOG_EVERY_S = 10.0
+_logged: dict[str, float] = {}
+REFUSED = "X-Relay-Cluster-Refused"  # on a 401 for a bad signature: the forwarding relay's configuration is wrong
+GONE = (ClientConnectorError, ConnectionTimeoutError, ServerDisconnectedError)  # refused, unresolvable, timed out
+TRANSCRIPT_ROUTE = "/v1/realtime/calls/{call_id}/transcript"
+FORWARDABLE = {("POST", "/v1/realtime/calls/{call_id}/hangup"), ("DELETE", "/v1/realtime/calls/{call_id}"),
+               ("GET", TRANSCRIPT_ROUTE), ("GET", "/v1/realtime")}
+_HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", REFUSED.lower()}
+
+
+@dataclass(frozen=True)
+class NodeAnswer:
+    """What came of asking another node: its answer, or why there is none (metrics.FORWARD_OUTCOMES)."""
+
+    outcome: str
+    status: int = 0
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+@dataclass
+class Cluster:
+    """This worker's part in a cluster. Every field is optional: no node id, no forwarding; no Redis, nothing
+    shared (a relay on its own has neither)."""
+
+    node: str | None = None
+    secret: bytes = b""
+    peers: Peers | None = None
+    advertise_url: str | None = None
+    proxies: Networks = field(default_factory=list)
+    store: Store | None = None
+    registry: Registry | None = None
+    transcripts: Transcripts | None = None
+    single_use: SingleUse | None = None
+    ip_limits: SharedRateLimiter | None = None
+    key_limits: SharedRateLimiter | None = None
+    http: ClientSession | None = None  # to the other nodes, while the app runs
+    _ended: dict[str, History] = field(default_factory=dict)  # transcripts to write as ended
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @classmethod
+    def of(cls, settings: Settings, worker: Worker, ip_burst: float, key_burst: float) -> "Cluster":
+        node = settings.node_id
+        cluster = cls(node=node, proxies=networks(settings.trusted_proxies))
+        if node:
+            cluster.secret = settings.cluster_secret.get_secret_value().encode() if settings.cluster_secret else b""
+            cluster.advertise_url = settings.advertise_url or template_url(settings.peer_url_template, node)
+        if settings.redis_url:
+            cluster._share(connect(settings.redis_url), settings, worker, ip_burst, key_burst)
+        cluster.peers = Peers(cluster.registry, settings.peer_url_template) if node else None
+        return cluster
+
+    def _share(self, store: Store, settings: Settings, worker: Worker, ip_burst: float, key_burst: float) -> None:
+        """What the relays share through Redis."""
+        self.store = store
+        self.registry = Registry(store, self.node, worker.index) if self.node else None
+        self.transcripts = Transcripts(store, settings.transcript_ttl_s)
+        self.single_use = SingleUse(store)
+        self.ip_limits = SharedRateLimiter(store, "ip", settings.calls_per_ip_per_s, ip_burst)
+        self.key_limits = SharedRateLimiter(store, "key", settings.calls_per_key_per_s, key_burst)
+
+    def other_node(self, call_id: str) -> str | None:
+        """The node that owns the call, if it is another one (and this relay is in a cluster)."""
+        owner = owner_of(call_id) if self.node else None
+        return owner.node if owner is not None and owner.node and owner.node != self.node else None
+
+    def call_ended(self, call_id: str, history: History) -> None:
+        """A call of this worker ended: its transcript is written as ended, soon (by keep_publishing)."""
+        if self.transcripts is None:
+            return
+        self._ended[call_id] = history
+        while len(self._ended) > MAX_UNSAVED_ENDED:
+            self._ended.pop(next(iter(self._ended)))
+        self._wake.set()
+
+    def take_ended(self) -> dict[str, History]:
+        ended, self._ended = self._ended, {}
+        return ended
+
+    def ended_again(self, ended: dict[str, History]) -> None:
+        """Ended calls whose transcripts could not be written: tried again next time."""
+        self._ended = ended | self._ended
+
+    async def woken(self, timeout: float) -> None:
+        """Until a call ends, or `timeout`."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake.clear()
+
+    async def stored_transcript(self, call_id: str) -> dict[str, Any] | None:
+        """The call's transcript as last written to Redis; None without one (or without Redis, or it down)."""
+        if self.transcripts is None:
+            return None
+        with contextlib.suppress(SharedStateError):
+            return await self.transcripts.load(call_id)
+        return None
+
+    def signed(self, method: str, path_qs: str, body: bytes, caller: str, client: str) -> dict[str, str]:
+        return sign(self.secret, method, path_qs, body, Forwarded(self.node or "", caller, client), time.time())
+
+
+CLUSTER: web.AppKey[Cluster] = web.AppKey("cluster")
+
+
+# --- asking another node ------------------------------------------------------------------------------------------
+
+
+def client_of(request: web.Request, cluster: Cluster) -> str:
+    """The client's address as the per-address limit sees it (through RELAY_TRUSTED_PROXIES)."""
+    forwarded_for = ",".join(request.headers.getall("X-Forwarded-For", ()))
+    return client_address(peer_address(request), forwarded_for, cluster.proxies)
+
+
+def counted(outcome: str, started: float) -> None:
+    FORWARDED.labels(outcome).inc()
+    FORWARD_SECONDS.labels(outcome).observe(time.monotonic() - started)
+
+
+async def ask_node(cluster: Cluster, node: str, method: str, path_qs: str, body: bytes, caller: str,
+                   client: str) -> NodeAnswer:
+    """Send a signed request to `node` (path_qs as received, still %-encoded)."""
+    started = time.monotonic()
+    reply = await _ask(cluster, node, method, path_qs, body, caller, client)
+    counted(reply.outcome, started)
+    return reply
+
+
+async def _ask(cluster: Cluster, node: str, method: str, path_qs: str, body: bytes, caller: str,
+               client: str) -> NodeAnswer:
+    assert cluster.peers is not None and cluster.http is not None
+    url = await cluster.peers.url_of(node)
+    if url is None:
+        return NodeAnswer("owner_gone")
+    headers = cluster.signed(method, path_qs, body, caller, client)
+    try:
+        async with cluster.http.request(method, URL(url + path_qs, encoded=True), headers=headers, data=body,
+                                        timeout=FORWARD_TIMEOUT, allow_redirects=False) as response:
+            payload = await response.read()
+    except GONE:
+        return NodeAnswer("owner_gone")
+    except (ClientError, asyncio.TimeoutError):
+        return NodeAnswer("owner_unavailable")
+    if response.status == 401 and REFUSED in response.headers:
+        signature_refused_by(node)
+        return NodeAnswer("refused")
+    return NodeAnswer("answered", response.status, response.headers, payload)
+
+
+def now_and_then(what: str) -> bool:
+    """Whether to log `what` now: at most once per LOG_EVERY_S (a misconfigured or probed relay would flood)."""
+    now = time.monotonic()
+    if now - _logged.get(what, -LOG_EVERY_S) < LOG_EVERY_S:
+        return False
+    _logged[what] = now
+    return True
+
+
+def signature_refused_by(node: str) -> None:
+    if now_and_then("refused by a node"):
+        log.error("node %s refused this relay's signature: RELAY_CLUSTER_SECRET differs, or the clocks do", node,
+                  extra={"event": "signature_refused", "node": node})
+
+
+def as_response(reply: NodeAnswer) -> web.Response:
+    if reply.outcome == "owner_gone":
+        return error_response(404, "call_not_found", "No such call (the relay that carried it is gone).")
+    if reply.outcome != "answered":
+        return error_response(503, "owner_unavailable", "The relay that carries this call did not answer; try "
+                              "again.", "server_error", headers={"Retry-After": "1"})
+    kept = {k: v for k, v in reply.headers.items()
+            if k.lower() not in _HOP_HEADERS and not k.lower().startswith("access-control-")}
+    return web.Response(status=reply.status, body=reply.body, headers=kept)
+
+
+async def forward(request: web.Request, cluster: Cluster, node: str) -> web.Response:
+    reply = await ask_node(cluster, node, request.method, request.raw_path, await request.read(),
+                           caller_of(request), client_of(request, cluster))
+    return as_response(reply)
+
+
+async def transcript_elsewhere(request: web.Request, cluster: Cluster, call_id: str, node: str) -> web.Response:
+    """Another node's call: an ended call's transcript from Redis; else the owner's word (the freshest); the owner
+    gone (or not knowing it, restarted): what Redis last got."""
+    stored = await cluster.stored_transcript(call_id)
+    if stored is not None and stored.get("status") == "ended":
+        return web.json_response(stored_answer(stored))
+    reply = await ask_node(cluster, node, "GET", request.raw_path, b"", caller_of(request), client_of(request, cluster))
+    if stored is not None and (reply.outcome == "owner_gone" or (reply.outcome == "answered" and reply.status == 404)):
+        return web.json_response(stored_answer(stored, status="ended"))
+    return as_response(reply)
+
+
+async def history_elsewhere(cluster: Cluster, call_id: str, prices: dict[str, float]) -> History | None:
+    """The transcript of a call to resume that this relay does not hold: Redis' if the call ended; else its
+    node's, if another holds it (asked as "relay", good for a transcript only); else what Redis last got."""
+    stored = await cluster.stored_transcript(call_id)
+    node = cluster.other_node(call_id)
+    if node is not None and (stored is None or stored.get("status") != "ended"):
+        reply = await ask_node(cluster, node, "GET", f"/v1/realtime/calls/{call_id}/transcript", b"", "relay", "")
+        if reply.outcome == "answered" and reply.status == 200:
+            with contextlib.suppress(ValueError, AttributeError, TypeError):
+                return History.from_snapshot(json.loads(reply.body), prices)
+    return History.from_snapshot(stored, prices) if stored is not None else None
+
+
+# --- middlewares ------------------------------------------------------------------------------------------------
+
+
+def _route_of(request: web.Request) -> tuple[str, str | None]:
+    resource = request.match_info.route.resource
+    return request.method, resource.canonical if resource is not None else None
+
+
+def trust_signed(cluster: Cluster):
+    """A request that carries a cluster signature: trusted (auth.py then takes the caller it names) when the
+    signature is right, fresh and for a route that is forwarded; else 401, whatever else it carries."""
+
+    @web.middleware
+    async def check(request: web.Request, handler):
+        if SIGNATURE not in request.headers:
+            return await handler(request)
+        try:
+            if _route_of(request) not in FORWARDABLE:
+                raise SignatureError(f"{request.method} {request.path} is not forwarded between relays")
+            request[FORWARDED_FOR] = verify(cluster.secret, request.method, request.raw_path, await request.read(),
+                                            request.headers, time.time())
+        except SignatureError as exc:
+            SIGNATURES_REFUSED.inc()
+            if now_and_then("refused here"):
+                log.warning("cluster signature refused: %s", exc, extra={"event": "signature_refused"})
+            return error_response(401, "invalid_cluster_signature", "The request's cluster signature is not valid.",
+                                  headers={REFUSED: "1"})
+        return await handler(request)
+
+    return check
+
+
+def route_to_owner(cluster: Cluster):
+    """After auth: a request about another node's call goes there (a signed one was meant for this node)."""
+
+    @web.middleware
+    async def route(request: web.Request, handler):
+        call_id = request.match_info.get("call_id")
+        node = cluster.other_node(call_id) if call_id and FORWARDED_FOR not in request else None
+        if node is None:
+            return await handler(request)
+        if _route_of(request)[1] == TRANSCRIPT_ROUTE:
+            return await transcript_elsewhere(request, cluster, call_id, node)
+        return await forward(request, cluster, node)
+
+    return route
+
+
+# --- while the app runs -------------------------------------------------------------------------------------------
+
+
+async def keep_beating(registry: Registry, entry: Callable[[], Entry]) -> None:
+    """This worker's heartbeat in the registry, every BEAT_S (Redis down: counted, and tried again)."""
+    while True:
+        with contextlib.suppress(SharedStateError):
+            await registry.beat(entry())
+        await asyncio.sleep(BEAT_S)
+
+
+async def keep_publishing(cluster: Cluster, calls: Mapping[str, Any]) -> None:
+    """Write the live calls' changed transcripts every PUBLISH_EVERY_S, and ended calls' at once."""
+    revisions = Revisions()
+    while True:
+        await cluster.woken(PUBLISH_EVERY_S)
+        await publish(cluster, calls, revisions)
+
+
+async def publish(cluster: Cluster, calls: Mapping[str, Any], revisions: Revisions) -> None:
+    assert cluster.transcripts is not None
+    live = {call_id: call.history.revision for call_id, call in calls.items()}
+    due = revisions.changed(live)
+    ended = cluster.take_ended()
+    records = [record(call_id, "active", cluster.node, calls[call_id].history.snapshot()) for call_id in due]
+    records += [record(call_id, "ended", cluster.node, history.snapshot()) for call_id, history in ended.items()]
+    if not records:
+        return
+    try:
+        await cluster.transcripts.save(records)
+    except SharedStateError:
+        cluster.ended_again(ended)  # and live calls' are, as their revisions stay unsaved
+        return
+    for call_id in due:
+        revisions.saved(call_id, live[call_id])
+
+
+def peer_connector() -> TCPConnector:
+    """Connections to the other nodes: no cap (each relayed backend socket holds one for its life: a cap would make
+    the next requests wait, then look like a gone node; the owner bounds its sockets); names resolved again after a
+    second (a pod that came back has a new address under the template's name)."""
+    return TCPConnector(limit=0, ttl_dns_cache=1)
+
+
+def add_cluster(app: web.Application, cluster: Cluster, calls: Mapping[str, Any], entry: Callable[[], Entry]) -> None:
+    """Install the cluster's middlewares (around auth: signed requests checked before it, forwarding after it) and
+    its tasks (the HTTP client to the other nodes, the heartbeat, the transcripts)."""
+    app[CLUSTER] = cluster
+    if cluster.node is not None:  # auth's middleware is the first (add_auth): forwarding comes right after it
+        app.middlewares.insert(1, route_to_owner(cluster))
+        app.middlewares.insert(0, trust_signed(cluster))
+
+    async def running(app: web.Application):
+        if cluster.node is not None:
+            cluster.http = ClientSession(connector=peer_connector(),
+                                         timeout=ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S))
+        tasks = []
+        if cluster.registry is not None:
+            tasks.append(asyncio.ensure_future(keep_beating(cluster.registry, entry)))
+        if cluster.transcripts is not None:
+            tasks.append(asyncio.ensure_future(keep_publishing(cluster, calls)))
+        yield
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await _last_writes(cluster, calls)
+        if cluster.http is not None:
+            await cluster.http.close()
+        if cluster.store is not None:
+            await cluster.store.aclose()
+
+    app.cleanup_ctx.append(running)
+
+
+async def _last_writes(cluster: Cluster, calls: Mapping[str, Any]) -> None:
+    """At shutdown: the calls' last transcripts (a drain ends them just before), then leave the registry."""
+    with contextlib.suppress(asyncio.TimeoutError, SharedStateError):
+        async with asyncio.timeout(FINAL_WRITES_S):
+            if cluster.transcripts is not None:
+                await publish(cluster, calls, Revisions())
+            if cluster.registry is not None:
+                await cluster.registry.leave()
