@@ -1,1 +1,2 @@
-"""Audio conversion between the WebRTC side (48 kHz, Opus) and the Realtime API (24 kHz mono PCM16)."""
+"""The audio a call carries: Opus to and from 24 kHz mono PCM16 (the Realtime API's PCM), G.711 as it is, and the
+framing of both."""

@@ -3,10 +3,6 @@ relay/audio/opus.py.)"""
 
 from __future__ import annotations
 
-UPSTREAM_RATE = 24000
-FRAME_SAMPLES_24K = 480  # samples per 20 ms at 24 kHz
-FRAME_BYTES_24K = FRAME_SAMPLES_24K * 2  # mono s16
-
 
 class Chunker:
     """Cuts a byte stream into chunks of exactly `size` bytes."""

@@ -95,6 +95,8 @@ for _label in OUTCOMES:  # every outcome shows (at 0) from the start: a rate() n
 for _path in ("rtp", "datachannel", "upstream", "backend"):
     RECEIVED.labels(_path)
     SENT.labels(_path)
+for _codec in ("opus", "pcmu", "pcma"):
+    CALLS_BY_CODEC.labels(_codec)
 
 
 class CallMeter:

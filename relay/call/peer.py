@@ -46,6 +46,30 @@ class SetupError(Exception):
         self.code, self.message = code, message
 
 
+STATIC_RTPMAPS = {"0": "PCMU/8000", "8": "PCMA/8000"}  # RFC 3551: payload types an offer may use unnamed
+
+
+def with_static_rtpmaps(offer_sdp: str) -> str:
+    """The offer with an `a=rtpmap` for each static G.711 payload type its audio m-lines list without one (telephony
+    stacks leave them out, as RFC 3551 allows; aiortc only knows codecs that are named)."""
+    lines = offer_sdp.splitlines()
+    out: list[str] = []
+    for index, line in enumerate(lines):
+        out.append(line)
+        if line.startswith("m=audio "):
+            section = _section(lines, index)
+            named = {l.split()[0].removeprefix("a=rtpmap:") for l in section if l.startswith("a=rtpmap:")}
+            out += [f"a=rtpmap:{pt} {STATIC_RTPMAPS[pt]}" for pt in line.split()[3:]
+                    if pt in STATIC_RTPMAPS and pt not in named]
+    return "\r\n".join(out) + "\r\n" if out != lines else offer_sdp
+
+
+def _section(lines: list[str], m_line: int) -> list[str]:
+    """The lines of the media section that starts at `m_line`."""
+    end = next((i for i in range(m_line + 1, len(lines)) if lines[i].startswith("m=")), len(lines))
+    return lines[m_line + 1:end]
+
+
 def offered_audio(offer_sdp: str) -> CallAudio | None:
     """The call's audio for this offer: Opus if its first audio m-line lists it (whatever else it lists), else the
     first of PCMU and PCMA it lists (in its order of preference), else None: nothing the relay answers. An offer that

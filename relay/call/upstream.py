@@ -85,10 +85,17 @@ class UpstreamLink:
 
     async def open(self, session: dict[str, Any] | None, replay: list[dict[str, Any]],
                    from_client: bool = False) -> tuple[websockets.ClientConnection, list[str]]:
-        return await open_upstream(
-            self.target, self._owner.core.upstream_session(session), self.settings.upstream_timeout_s, keep_talking=not self.settings.interruptions,
-            tools=self._owner.core.server_tools, replay=replay, from_client=from_client,
+        core = self._owner.core
+        ws, events = await open_upstream(
+            self.target, core.upstream_session(session), self.settings.upstream_timeout_s,
+            keep_talking=not self.settings.interruptions, tools=core.server_tools, replay=replay,
+            from_client=from_client,
         )
+        mismatch = core.format_mismatch(json.loads(events[0]).get("session"))
+        if mismatch is not None:  # it would hear the call's audio as another format, and play noise
+            await ws.close()
+            raise UpstreamError(502, "upstream_format_unsupported", mismatch, fatal=True)
+        return ws, events
 
     async def _open_next(self) -> tuple[websockets.ClientConnection, list[str], int, int]:
         """A session to take over from the current one, given its configuration and the conversation so far:
@@ -126,9 +133,9 @@ class UpstreamLink:
 
     # --- to the upstream ---------------------------------------------------------------------------------------
 
-    def send_audio(self, pcm24: bytes) -> None:
+    def send_audio(self, audio: bytes) -> None:
         """~20 ms of the client's audio (the hot path: the budget check of send() is inlined)."""
-        text = '{"type":"input_audio_buffer.append","audio":"' + base64.b64encode(pcm24).decode() + '"}'
+        text = '{"type":"input_audio_buffer.append","audio":"' + base64.b64encode(audio).decode() + '"}'
         self._recent_audio.append(text)
         if self.reconnecting or self.outbox_bytes + len(text) > MAX_UPSTREAM_BACKLOG_BYTES:
             self.dropped_audio_chunks += 1

@@ -471,6 +471,17 @@ class CallCore:
             _force_formats(session, self.audio.session_format())
         return session
 
+    def format_mismatch(self, session: Any) -> str | None:
+        """Why an upstream session whose effective configuration is `session` cannot carry the call's audio (it
+        reports another format than the one the relay set), or None. A format it does not report is taken on trust."""
+        wanted = self.audio.session_format()
+        for direction in ("input", "output"):
+            fmt = _path(session, "audio", direction).get("format") if isinstance(session, dict) else None
+            if isinstance(fmt, dict) and any(fmt.get(key, value) != value for key, value in wanted.items()):
+                return (f"The model service did not take the call's audio format ({wanted['type']}) for "
+                        f"audio.{direction}.format: it reports {json.dumps(fmt)[:100]}.")
+        return None
+
     def _is_silence(self, frame: bytes) -> bool:
         return self.audio.peak(frame) < SILENCE_PEAK
 

@@ -58,14 +58,14 @@ class StereoTimeline:
         self.rate = rate
         self._user, self._model = _Channel(rate), _Channel(rate)
 
-    def on_user_audio(self, pcm24: bytes, now: float) -> None:
+    def on_user_audio(self, pcm: bytes, now: float) -> None:
         """Audio from the user that arrived at `now` (so it ended then)."""
-        samples = len(pcm24) // 2
-        self._user.place(pcm24[: samples * 2], self._sample(now) - samples)
+        samples = len(pcm) // 2
+        self._user.place(pcm[: samples * 2], self._sample(now) - samples)
 
-    def on_model_frame(self, pcm24: bytes | None, now: float, frame_samples: int = 480) -> None:
+    def on_model_frame(self, pcm: bytes | None, now: float, frame_samples: int = 480) -> None:
         """The frame the model's track sent at `now` (None: silence)."""
-        self._model.place(pcm24 if pcm24 is not None else bytes(frame_samples * 2), self._sample(now))
+        self._model.place(pcm if pcm is not None else bytes(frame_samples * 2), self._sample(now))
 
     def take(self, now: float, final: bool = False) -> bytes:
         """Interleaved stereo PCM16 up to `now` less HOLD_S (`final`: everything). A side that has sent nothing

@@ -24,7 +24,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from relay.call.call import Call
-from relay.call.peer import SetupError, offered_audio
+from relay.call.peer import SetupError, offered_audio, with_static_rtpmaps
 from relay.cluster.store import SharedStateError
 from relay.cluster.transcripts import answer as stored_answer
 from relay.config import Settings
@@ -188,16 +188,17 @@ async def _create_call(request: web.Request, settings: Settings, calls: dict[str
         offer, session = await read_offer(request, settings.max_sdp_bytes)
     except SignalingError as exc:
         return error_response(exc.status, exc.code, exc.message)
+    offer = with_static_rtpmaps(offer)
+    audio = offered_audio(offer)
+    if audio is None:
+        return error_response(400, "invalid_offer", "The SDP offer's audio offers none of the codecs the relay "
+                              "answers: Opus, PCMU or PCMA.")
     resume = request.query.get("resume")
     earlier = await _history_to_resume(request.app, resume) if resume is not None else None
     if resume is not None and earlier is None:
         return error_response(404, "call_not_found", "No conversation is kept for that call id, so it cannot be "
                               "resumed (transcripts outlive a call in memory for the last calls only; set "
                               "RELAY_HISTORY_DIR or RELAY_REDIS_URL to keep them).", param="resume")
-    audio = offered_audio(offer)
-    if audio is None:
-        return error_response(400, "invalid_offer", "The SDP offer's audio offers none of the codecs the relay "
-                              "answers: Opus, PCMU or PCMA.")
     locked = request.get(TOKEN_SESSION)  # a client secret's session: its settings win, and stay
     model = call_model(session, locked, request.app[MODELS].allowed)
     if isinstance(model, Refusal):
@@ -248,10 +249,17 @@ async def _wait_for_token(app: web.Application, by_address: bool, limiter: RateL
 
 def call_policy(settings: Settings, toolbox: Toolbox, locked: dict[str, Any] | None) -> EventPolicy:
     """What a call's client may change: the operator's choice of fields, less its client secret's settings (its
-    model is the call's choice at creation, not a lock)."""
-    return EventPolicy(settings.client_session_fields,
-                       locked={k: v for k, v in (locked or {}).items() if k not in ("type", "model")},
+    model is the call's choice at creation, and the audio formats the relay's for the codec: neither is a lock)."""
+    return EventPolicy(settings.client_session_fields, locked=_locks(locked or {}),
                        server_tools=[t["name"] for t in toolbox.definitions()])
+
+
+def _locks(secret_session: dict[str, Any]) -> dict[str, Any]:
+    locks = {k: v for k, v in secret_session.items() if k not in ("type", "model")}
+    if isinstance(locks.get("audio"), dict):
+        locks["audio"] = {direction: {k: v for k, v in part.items() if k != "format"} if isinstance(part, dict)
+                          else part for direction, part in locks["audio"].items()}
+    return locks
 
 
 def _ended(app: web.Application, call: Call) -> None:

@@ -116,21 +116,21 @@ class InboundAudio:
         self.stats.gap_fill_ms += samples_48k / 48
         self._emit(bytes(samples_48k // 2 * 2))  # 24 kHz PCM16: 2 bytes a sample, half the 48 kHz count
 
-    def _emit(self, pcm24: bytes) -> None:
+    def _emit(self, audio: bytes) -> None:
         """Hand audio on, never more than real time since the first packet (plus slack for jitter): timestamps
         and Opus frame sizes are the client's to choose, and upstream audio is paid for."""
         allowed_ms = (self.last_packet_at - self.first_packet_at) * 1000 + BUDGET_SLACK_MS - self._sent_ms
         per_ms = self.TICKS_PER_MS
-        length_ms = len(pcm24) / per_ms
+        length_ms = len(audio) / per_ms
         if length_ms > allowed_ms:
             keep = max(0, int(allowed_ms * per_ms)) // self.SAMPLE_BYTES * self.SAMPLE_BYTES
             self.stats.over_budget_ms += length_ms - keep / per_ms
-            pcm24 = pcm24[:keep]
+            audio = audio[:keep]
         # Each packet's audio goes out as it is: ~20 ms. Cutting exact 20 ms chunks would hold every chunk back
         # for the next packet, because the resampler's delay shifts the boundaries by a few samples.
-        if pcm24:
-            self._sent_ms += len(pcm24) / per_ms
-            self._sink(pcm24)
+        if audio:
+            self._sent_ms += len(audio) / per_ms
+            self._sink(audio)
 
 
 class PassThroughInbound(InboundAudio):

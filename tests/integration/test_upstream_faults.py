@@ -5,10 +5,13 @@ refusing, silent or garbage-speaking upstream at call start: test_webrtc_call.py
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
+import websockets
 
 from relay.core.history import MAX_PARTIAL_CHARS
+from relay.protocol.session import default_session
 from relay.server.calls import CALLS, STARTING
 from tests.integration.test_webrtc_call import HELLO48, _serve, relay_settings
 from tests.webrtc_client import call_relay
@@ -91,3 +94,27 @@ async def test_an_upstream_that_never_answers_the_handshake_is_a_503_and_leaks_n
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_an_upstream_that_keeps_pcm_for_a_g711_call_is_a_502_not_noise(served):
+    """A service that takes the session.update but not the G.711 format would hear the call's bytes as PCM16."""
+    closed = asyncio.Event()
+
+    async def pcm_only(ws) -> None:
+        session = default_session("gpt-realtime")
+        await ws.send(json.dumps({"type": "session.created", "event_id": "event_1", "session": session}))
+        async for message in ws:
+            event = json.loads(message)
+            if event["type"] == "session.update":  # applied, but for the formats
+                changes = {k: v for k, v in event["session"].items() if k != "audio"}
+                await ws.send(json.dumps({"type": "session.updated", "event_id": "event_2",
+                                          "session": {**session, **changes}}))
+        closed.set()
+
+    async with websockets.serve(pcm_only, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        app, url = await served(f"ws://127.0.0.1:{port}/v1/realtime")
+        with pytest.raises(AssertionError, match=r"502.*audio/pcmu.*upstream_format_unsupported"):
+            await call_relay(url, codecs=["pcmu"])
+        assert app[CALLS] == {} and app[STARTING] == set()
+        await asyncio.wait_for(closed.wait(), 5)  # the relay closed the session it could not use

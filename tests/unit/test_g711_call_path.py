@@ -14,7 +14,7 @@ from aiortc.codecs import get_encoder
 from relay.audio import g711
 from relay.audio.convert import Chunker
 from relay.audio.formats import OPUS, PCMA, PCMU
-from relay.call.peer import PeerLink, offered_audio
+from relay.call.peer import PeerLink, offered_audio, with_static_rtpmaps
 from relay.config import Settings
 from relay.core.call import CallCore, ToUpstream
 from relay.webrtc.aiortc_internals import restrict_host_addresses
@@ -197,3 +197,46 @@ async def test_the_answer_names_the_chosen_law_alone_without_telephone_event(cod
     m_line = next(line for line in answer.splitlines() if line.startswith("m=audio"))
     assert m_line.split()[3:] == [rtpmap.split(":")[1].split()[0]]
     assert [line for line in answer.splitlines() if line.startswith("a=rtpmap")] == [rtpmap]
+
+
+async def test_static_payload_types_an_offer_leaves_unnamed_are_named_and_answered():
+    named = await offer("pcmu", "pcma")
+    bare = "\r\n".join(line for line in named.split("\r\n") if not line.startswith("a=rtpmap:"))
+    assert "PCMU" not in bare and offered_audio(bare) is None  # aiortc knows only named codecs
+    filled = with_static_rtpmaps(bare)
+    assert offered_audio(filled) is PCMU
+    assert filled.count("a=rtpmap:0 PCMU/8000") == 1 and filled.count("a=rtpmap:8 PCMA/8000") == 1
+    assert with_static_rtpmaps(named) == named  # named already: untouched
+
+
+def test_a_client_secret_locks_no_audio_format():
+    from relay.server.calls import call_policy
+    from relay.tools import Toolbox
+    secret_session = {"type": "realtime", "model": "gpt-realtime", "audio": {
+        "input": {"format": {"type": "audio/pcm", "rate": 24000}, "noise_reduction": {"type": "near_field"}},
+        "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "cedar"}}}
+    policy = call_policy(Settings.load(env={}), Toolbox([]), secret_session)
+    assert policy.locked == {"audio": {"input": {"noise_reduction": {"type": "near_field"}}, "output": {"voice": "cedar"}}}
+    core = CallCore(audio=PCMU, policy=policy)
+    update = {"type": "session.update", "session": {"type": "realtime", "audio": {
+        "input": {"format": {"type": "audio/pcmu"}}, "output": {"format": {"type": "audio/pcmu"}}}}}
+    actions, _ = core.on_client_event(json.dumps(update))
+    assert not actions  # the format the client was told is not "kept": it is the call's
+
+
+def test_an_opus_calls_offered_session_naming_g711_goes_up_as_pcm():
+    session = CallCore().upstream_session({"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcmu"}},
+                                                                        "output": {"format": {"type": "audio/pcma"}}}})
+    assert session["audio"]["input"]["format"] == session["audio"]["output"]["format"] == {"type": "audio/pcm",
+                                                                                          "rate": 24000}
+
+
+def test_an_upstream_that_reports_another_format_than_the_calls_is_caught():
+    pcmu = {"audio": {"input": {"format": {"type": "audio/pcmu"}}, "output": {"format": {"type": "audio/pcmu"}}}}
+    assert CallCore(audio=PCMU).format_mismatch(pcmu) is None
+    assert CallCore(audio=PCMU).format_mismatch({"audio": {"input": {}}}) is None  # not reported: on trust
+    ignored = {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}}, "output": pcmu["audio"]["output"]}}
+    assert "audio/pcmu" in CallCore(audio=PCMU).format_mismatch(ignored)
+    assert CallCore().format_mismatch(pcmu) is not None
+    assert CallCore().format_mismatch({"audio": {"output": {"format": {"type": "audio/pcm", "rate": 16000}}}})
+    assert CallCore().format_mismatch({"audio": {"output": {"format": {"type": "audio/pcm", "rate": 24000}}}}) is None
