@@ -290,6 +290,10 @@ class Settings(BaseModel):
         3600, ge=60, le=30 * 86400, description="with RELAY_REDIS_URL, how long Redis keeps a call's transcript after "
         "its last change (for GET .../transcript and ?resume= at any relay)",
     )
+    transcript_redis_url: str | None = Field(
+        None, description="with RELAY_REDIS_URL, another Redis for the calls' transcripts only (their memory then "
+        "never crowds out single-use secrets, limits and the registry; default: RELAY_REDIS_URL)",
+    )
     prices: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_PRICES),
         description="USD per million tokens, JSON, for cost estimates: "
@@ -479,13 +483,20 @@ class Settings(BaseModel):
         _base_url(value.replace("{node}", "0"))
         return value.rstrip("/")
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "transcript_redis_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
         parts = urlsplit(value or "")
         if value is not None and (parts.scheme not in ("redis", "rediss", "unix") or not (parts.netloc or parts.path)):
             raise ValueError("must be a redis://HOST[:PORT][/DB], rediss:// or unix:// URL")
         return value
+
+    @model_validator(mode="after")
+    def _transcripts_redis_with_redis(self) -> "Settings":
+        if self.transcript_redis_url and not self.redis_url:
+            raise ValueError("transcript_redis_url (RELAY_TRANSCRIPT_REDIS_URL) needs redis_url (RELAY_REDIS_URL): "
+                             "transcripts are shared only where the rest is")
+        return self
 
     @model_validator(mode="after")
     def _cluster_wiring(self) -> "Settings":

@@ -1,7 +1,8 @@
 """Where another relay is reached: its entry in the registry (Redis), else RELAY_PEER_URL_TEMPLATE with its node id
 (e.g. http://relay-{node}.relay-internal:8080, the DNS name of a StatefulSet pod behind a headless Service).
-While Redis cannot be asked, the address it last gave for the node stands in before the template. None: nowhere,
-so the node is gone."""
+While Redis cannot be asked, the address it last gave for the node stands in before the template. None: the
+registry says the node is not there, and there is no template: the node is gone. RegistryDown: the registry could
+not be asked and nothing stands in: the node may well be up, so its calls are not to be called gone."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ PLACEHOLDER = "{node}"
 MAX_REMEMBERED = 1000  # nodes whose last registered address is kept for when Redis is down
 
 
+class RegistryDown(Exception):
+    """Redis could not say where the node is, and neither a remembered address nor a template stands in."""
+
+
 def template_url(template: str | None, node: str) -> str | None:
     return template.replace(PLACEHOLDER, node) if template else None
 
@@ -26,17 +31,19 @@ class Peers:
         self._last_known: dict[str, str] = {}
 
     async def url_of(self, node: str) -> str | None:
-        """The registry's word when it has one; Redis down (counted): its last word, then the template's."""
-        if self.registry is not None:
-            try:
-                url = await self.registry.lookup(node, self.clock())
-            except SharedStateError:
-                url = self._last_known.get(node)
-            else:
-                self._remember(node, url)
-            if url is not None:
-                return url
-        return template_url(self.template, node)
+        """The registry's word when it has one; Redis down (counted): its last word, then the template's, else
+        RegistryDown."""
+        if self.registry is None:
+            return template_url(self.template, node)
+        try:
+            url = await self.registry.lookup(node, self.clock())
+        except SharedStateError:
+            url = self._last_known.get(node) or template_url(self.template, node)
+            if url is None:
+                raise RegistryDown(node) from None
+            return url
+        self._remember(node, url)
+        return url or template_url(self.template, node)
 
     def _remember(self, node: str, url: str | None) -> None:
         if url is None:

@@ -4,6 +4,10 @@ RELAY_ADVERTISE_URL), whether it serves or drains, and their calls and capacity.
 Key `relay:node:<node id>`, a hash with one field per worker (its index) holding a JSON entry; each beat sets the
 key's TTL to TTL_S, so a node whose workers all stopped beating leaves the registry within TTL_S. An entry older
 than STALE_S (one worker stuck, or stopped while others beat) does not count.
+
+Two relays started with the same node id would share one key, each taking the other's calls' requests: each beat
+reads the node's entries as it writes, and an entry beaten within SAME_NODE_S with another address names the other
+relay.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ KEY = "relay:node:{node}"
 BEAT_S = 1.0
 TTL_S = 5
 STALE_S = 5.0
+# Beaten this recently: a live relay (beats are BEAT_S apart). A relay killed and started again at a new address
+# (a pod's new IP) takes longer than this to beat again, so its old entries do not look like another relay.
+SAME_NODE_S = 1.5 * BEAT_S
 
 
 @dataclass(frozen=True)
@@ -47,15 +54,25 @@ def live_url(entries: Iterable[Entry | None], now: float) -> str | None:
     return max(fresh, key=lambda entry: entry.at).url if fresh else None
 
 
+def other_urls(entries: Iterable[Entry | None], url: str, now: float) -> set[str]:
+    """Addresses other than `url` beaten under this node id just now: another relay with the same node id."""
+    return {entry.url for entry in entries
+            if entry is not None and entry.url != url and now - entry.at <= SAME_NODE_S}
+
+
 class Registry:
     def __init__(self, store: Store, node: str, worker: int) -> None:
         self.store, self.node, self.worker = store, node, worker
 
-    async def beat(self, entry: Entry) -> None:
+    async def beat(self, entry: Entry) -> list[Entry | None]:
+        """Write this worker's entry; the node's entries as they were just before (read first: a relay with the
+        same node id and worker index overwrites this one's field, so its entry shows only before the write)."""
         key = KEY.format(node=self.node)
         async with self.store.guarded("registry") as redis:
             async with redis.pipeline(transaction=True) as pipe:
-                await pipe.hset(key, str(self.worker), entry.encode()).expire(key, TTL_S).execute()
+                fields, *_ = await pipe.hgetall(key).hset(key, str(self.worker), entry.encode()) \
+                    .expire(key, TTL_S).execute()
+        return [Entry.decode(raw) for raw in fields.values()]
 
     async def leave(self) -> None:
         """This worker stops: its entry goes (the node leaves when its last worker does)."""

@@ -5,9 +5,12 @@ credentials: the relay that got the request checked them; its peers trust the si
 passes the time.
 
 A signature is good for MAX_AGE_S either side of the receiver's clock (the relays' clocks must agree that well, as
-NTP keeps them). Within that window a captured request could be sent again; the requests forwarded (hangup, DELETE,
-transcript, a backend's socket) do nothing twice that they did not do once, and they travel on the cluster's own
-network.
+NTP keeps them). Within that window a captured request can be sent again, and is trusted again: a hangup or DELETE
+ends nothing more (the call has ended), a transcript is read once more, but a replayed control-socket upgrade
+attaches one more backend to the call, with the caller's rights, for as long as that socket stays open. Nothing
+remembers which signatures were used. So keep what relays send each other where others can neither read it nor
+send it again: on the cluster's own network (encrypted by the network plugin where others share the wire), with a
+NetworkPolicy that lets only the relays and the ingress reach the relays' port (docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Mapping
 NODE = "X-Relay-Cluster-Node"  # the node that forwarded the request
 TIME = "X-Relay-Cluster-Time"  # when it signed it: unix seconds, 3 decimals
 CALLER = "X-Relay-Cluster-Caller"  # who the forwarding node found the caller to be (see relay/server/auth.py)
-CLIENT = "X-Relay-Cluster-Client"  # the client's address, as the forwarding node saw it
+CLIENT = "X-Relay-Cluster-Client"  # the client's address as the forwarding node saw it (unused by the owner so far)
 SIGNATURE = "X-Relay-Cluster-Signature"  # "v1=" + hex HMAC-SHA256
 HEADERS = (NODE, TIME, CALLER, CLIENT, SIGNATURE)
 VERSION = "v1"

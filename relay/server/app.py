@@ -103,7 +103,11 @@ def create_app(settings: Settings, upstream: UpstreamTarget, worker: Worker = Wo
     add_auth(app, settings, worker, CALLS, ModelChoice.of(settings, upstream), app[TOOLBOX].definitions(),
              single_use=cluster.single_use)
     add_cluster(app, cluster, app[CALLS], lambda: registry_entry(app, cluster.advertise_url or ""))
-    app.middlewares.append(json_errors(settings.max_sdp_bytes))  # innermost: sees what the routes and aiohttp raise
+    # Innermost: what the routes and aiohttp raise becomes a JSON error that auth's CORS headers are added to.
+    app.middlewares.append(json_errors(settings.max_sdp_bytes))
+    # And outermost: what the middlewares raise themselves (a body over client_max_size read to check a cluster
+    # signature or to pass a request to another worker) is a JSON error too, not aiohttp's plain text.
+    app.middlewares.insert(0, json_errors(settings.max_sdp_bytes))
     add_metrics(app, settings.metrics, CALLS)
     return app
 

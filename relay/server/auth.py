@@ -15,7 +15,8 @@ instructions are the operator's) and unforgeable, so any relay process sharing `
 without asking anyone. Only `RELAY_CLIENT_SECRET_SINGLE_USE` needs memory: then the minting worker keeps the
 nonces not used yet, and a call with such a token is created by that worker; with RELAY_REDIS_URL, Redis remembers
 which were used instead (relay/cluster/single_use.py), so any worker of any relay takes one, once, and refuses it
-while Redis cannot say (fails closed).
+while Redis cannot say (fails closed). A single-use secret is taken before the call is checked and set up, and given
+back when no call comes of it (refused, a bad offer, the model unreachable, the request cancelled).
 
 In a cluster a request another relay forwarded carries no credentials: that relay checked them and says, signed,
 who the caller is (relay/server/cluster.py checks the signature and puts it under FORWARDED_FOR): `backend:<key
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -35,7 +38,7 @@ import secrets
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 from cryptography.exceptions import InvalidTag
@@ -140,6 +143,10 @@ class Tokens:
         expiry = self._unused.pop(claims.nonce, None)
         if expiry is None or now >= expiry:
             raise TokenError("The client secret has already been used.")
+
+    def give_back(self, claims: Claims) -> None:
+        """A redeemed token whose call was not created: usable again."""
+        self._unused[claims.nonce] = claims.expires_at
 
     def _forget_expired(self, now: float) -> None:
         if len(self._unused) >= 1000:
@@ -277,45 +284,87 @@ async def _with_token(request: web.Request, handler, token: str, worker: Worker,
         return refusal(401, "invalid_client_secret", str(exc))
     if not creating:
         return await handler(request)  # open access: a token is as good as nothing
-    shared = request.app[SINGLE_USE]
-    if claims.single_use and shared is not None:
-        refused = await _use_once(shared, claims)
-        if refused is not None:
-            return refused
-    elif claims.single_use:  # as minted, whatever this relay's own setting (relays may differ during a change)
-        if claims.worker != worker.index:
-            if claims.worker >= worker.count or FORWARDED in request.headers:
-                return refusal(401, "invalid_client_secret", "The client secret is not valid.")
-            return await forward(request, worker, claims.worker)  # its minter knows whether it was used
-        try:
-            tokens.redeem(claims, time.time())
-        except TokenError as exc:
-            return refusal(401, "invalid_client_secret", str(exc))
+    # Single use as minted, whatever this relay's own setting (relays may differ during a change); without Redis
+    # only its minting worker knows whether it was used.
+    if claims.single_use and request.app[SINGLE_USE] is None and claims.worker != worker.index:
+        if claims.worker >= worker.count or FORWARDED in request.headers:
+            return refusal(401, "invalid_client_secret", "The client secret is not valid.")
+        return await forward(request, worker, claims.worker)
+    taken = await _take(request.app, claims)
+    if isinstance(taken, web.StreamResponse):
+        return taken
     request[TOKEN_SESSION] = claims.session
     request[TOKEN_NONCE] = claims.nonce
-    return await handler(request)
+    return await _creating(request, handler, taken)
 
 
-async def _use_once(shared: SingleUse, claims: Claims) -> web.Response | None:
-    """Single use across relays: the first use of the secret anywhere goes on (None); a second is refused, and so
-    is any while Redis cannot say (failing closed: a secret must not make two calls)."""
+GiveBack = Callable[[], Awaitable[None]]
+
+
+async def _take(app: web.Application, claims: Claims) -> GiveBack | web.Response | None:
+    """A single-use secret taken (in Redis, else at this, its minting worker): what gives it back; or the refusal.
+    None: the secret is not single-use."""
+    if not claims.single_use:
+        return None
+    shared = app[SINGLE_USE]
+    if shared is not None:
+        taken = await _use_once(shared, claims)
+        return taken if isinstance(taken, web.Response) else functools.partial(shared.release, claims.nonce, taken)
     try:
-        first = await shared.consume(claims.nonce, claims.expires_at, time.time())
+        app[TOKENS].redeem(claims, time.time())
+    except TokenError as exc:
+        return refusal(401, "invalid_client_secret", str(exc))
+    return functools.partial(_give_back_here, app[TOKENS], claims)
+
+
+async def _give_back_here(tokens: Tokens, claims: Claims) -> None:
+    tokens.give_back(claims)
+
+
+async def _creating(request: web.Request, handler, give_back: GiveBack | None) -> web.StreamResponse:
+    """Create the call; a single-use secret taken for it is given back when no call comes of it (any answer but
+    201, or the request failing or cancelled): the secret was not used, and its client may try again."""
+    if give_back is None:
+        return await handler(request)
+    try:
+        response = await handler(request)
+    except BaseException:
+        await _give_back(give_back)
+        raise
+    if response.status != 201:
+        await _give_back(give_back)
+    return response
+
+
+async def _give_back(give_back: GiveBack) -> None:
+    with contextlib.suppress(SharedStateError):  # Redis down: the secret stays used (failing closed, as taking it)
+        await give_back()
+
+
+async def _use_once(shared: SingleUse, claims: Claims) -> str | web.Response:
+    """Single use across relays: the first use of the secret anywhere goes on (what names this use, to give it back
+    with); a second is refused, and so is any while Redis cannot say (failing closed: a secret must not make two
+    calls)."""
+    try:
+        taken = await shared.consume(claims.nonce, claims.expires_at, time.time())
     except SharedStateError:
         return error_response(503, "client_secret_unverifiable", "Single-use client secrets cannot be checked right "
                               "now (the relays' shared state, Redis, is unreachable); try again shortly.",
                               "server_error", headers={"Retry-After": "1"})
-    return None if first else refusal(401, "invalid_client_secret", "The client secret has already been used.")
+    return taken or refusal(401, "invalid_client_secret", "The client secret has already been used.")
 
 
 async def _token_on_its_call(request: web.Request, handler, token: str, calls_key: web.AppKey):
     """A client secret ends the calls it created (hangup, DELETE), however long they last; nothing else (a
-    transcript needs a key)."""
-    return await _ends_its_own_call(request, handler, request.app[TOKENS].signed_nonce(token), calls_key)
+    transcript needs a key). One this relay did not seal is refused here, before anything is passed on."""
+    nonce = request.app[TOKENS].signed_nonce(token)
+    if nonce is None:
+        return refusal(401, "invalid_client_secret", "The client secret is not valid.")
+    return await _ends_its_own_call(request, handler, nonce, calls_key)
 
 
-async def _ends_its_own_call(request: web.Request, handler, nonce: str | None, calls_key: web.AppKey):
-    """The caller holds the client secret whose nonce is `nonce` (None: not one of ours)."""
+async def _ends_its_own_call(request: web.Request, handler, nonce: str, calls_key: web.AppKey):
+    """The caller holds the client secret whose nonce is `nonce`."""
     call_id = request.match_info.get("call_id")
     ending = request.method == "DELETE" or (request.method == "POST" and request.path.endswith("/hangup"))
     if not ending:

@@ -25,6 +25,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from relay.call.call import Call
 from relay.call.peer import SetupError, offered_audio, with_static_rtpmaps
+from relay.cluster.ids import owner_of
 from relay.cluster.store import SharedStateError
 from relay.cluster.transcripts import answer as stored_answer
 from relay.config import Settings
@@ -300,9 +301,16 @@ async def transcript(request: web.Request) -> web.Response:
     if history is None:
         stored = await request.app[CLUSTER].stored_transcript(call_id)
         if stored is not None:
-            return web.json_response(stored_answer(stored))
+            return web.json_response(stored_answer(stored, status=_stored_status(request.app, call_id)))
         return error_response(404, "call_not_found", "No such call, or its transcript is no longer kept.")
     return web.json_response({"call_id": call_id, "status": status, **history.snapshot()})
+
+
+def _stored_status(app: web.Application, call_id: str) -> str | None:
+    """"ended" for a call of this node's that it does not carry (its worker, now restarted, lost it; Redis may
+    last have heard of it live); else the stored status stands."""
+    owner = owner_of(call_id)
+    return "ended" if owner is not None and owner.node is not None and owner.node == app[WORKER].node else None
 
 
 async def _history_to_resume(app: web.Application, call_id: str) -> History | None:

@@ -7,9 +7,15 @@
 - A signed request is trusted only when its signature is right and fresh (401 otherwise), and only for those
   routes; it is never forwarded again (the owner's own workers still pass it on, workers.py).
 - A node that cannot be found (not in the registry, no template) or connected to within CONNECT_TIMEOUT_S is gone:
-  a request about its calls gets `404 call_not_found` at once, never a hanging request.
+  a request about its calls gets `404 call_not_found` at once, never a hanging request. One that cannot be looked
+  up (Redis down, nothing else to go by) may be up: `503 owner_unavailable`, to be tried again.
+- Only what auth established is vouched for: on a relay with API keys, a request from nobody in particular is never
+  forwarded. The body of a forwarded request is not (no forwarded route reads one), and its path is the request's
+  relative URL, %-encoded as received, on both sides (an absolute-form request target names another host).
 - With Redis (RELAY_REDIS_URL): this worker's heartbeat in the registry, and its calls' transcripts, written as they
-  change and when they end, so that an ended call's transcript is served by any relay.
+  change and when they end, so that an ended call's transcript is served by any relay. What one tick writes is
+  bounded (PUBLISH_BYTES, and each call's record by transcripts.MAX_RECORD_BYTES), yielding to the calls between
+  two calls' records.
 """
 
 from __future__ import annotations
@@ -29,25 +35,26 @@ from yarl import URL
 from relay.cluster.ids import owner_of
 from relay.cluster.limits import SharedRateLimiter
 from relay.cluster.metrics import FORWARD_SECONDS, FORWARDED, SIGNATURES_REFUSED
-from relay.cluster.peers import Peers, template_url
-from relay.cluster.registry import BEAT_S, Entry, Registry
+from relay.cluster.peers import Peers, RegistryDown, template_url
+from relay.cluster.registry import BEAT_S, Entry, Registry, other_urls
 from relay.cluster.signing import SIGNATURE, Forwarded, SignatureError, sign, verify
 from relay.cluster.single_use import SingleUse
 from relay.cluster.store import SharedStateError, Store, connect
-from relay.cluster.transcripts import Revisions, Transcripts, record
+from relay.cluster.transcripts import Revisions, Transcripts, encode, record
 from relay.cluster.transcripts import answer as stored_answer
 from relay.config import Settings
 from relay.core.history import History
-from relay.server.auth import FORWARDED_FOR, caller_of
+from relay.server.auth import FORWARDED_FOR, caller_of, refusal
 from relay.server.errors import error_response
 from relay.server.limits import Networks, client_address, networks
-from relay.server.workers import Worker, peer_address
+from relay.server.workers import Worker, path_qs, peer_address
 
 log = logging.getLogger("relay.cluster")
 CONNECT_TIMEOUT_S = 1.0  # no connection to a node by then: it is gone, its calls are 404
 ANSWER_TIMEOUT_S = 10.0  # connected, no answer by then: 503 (a hangup waits for its call to close)
 FORWARD_TIMEOUT = ClientTimeout(total=ANSWER_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
 PUBLISH_EVERY_S = 1.0  # how often live calls' changed transcripts are written to Redis
+PUBLISH_BYTES = 4 * 1024 * 1024  # written at most per tick (16 calls at their bound; the rest the next tick)
 FINAL_WRITES_S = 2.0  # at shutdown, for the last transcripts and leaving the registry
 MAX_UNSAVED_ENDED = 1000  # ended calls' transcripts waiting for Redis to come back; beyond it the oldest are lost
 LOG_EVERY_S = 10.0
@@ -87,13 +94,14 @@ class Cluster:
     ip_limits: SharedRateLimiter | None = None
     key_limits: SharedRateLimiter | None = None
     http: ClientSession | None = None  # to the other nodes, while the app runs
+    keys_required: bool = False  # RELAY_API_KEYS set: a request from nobody in particular is never vouched for
     _ended: dict[str, History] = field(default_factory=dict)  # transcripts to write as ended
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     def of(cls, settings: Settings, worker: Worker, ip_burst: float, key_burst: float) -> "Cluster":
         node = settings.node_id
-        cluster = cls(node=node, proxies=networks(settings.trusted_proxies))
+        cluster = cls(node=node, proxies=networks(settings.trusted_proxies), keys_required=bool(settings.api_keys))
         if node:
             cluster.secret = settings.cluster_secret.get_secret_value().encode() if settings.cluster_secret else b""
             cluster.advertise_url = settings.advertise_url or template_url(settings.peer_url_template, node)
@@ -106,7 +114,10 @@ class Cluster:
         """What the relays share through Redis."""
         self.store = store
         self.registry = Registry(store, self.node, worker.index) if self.node else None
-        self.transcripts = Transcripts(store, settings.transcript_ttl_s)
+        # A client of their own (RELAY_TRANSCRIPT_REDIS_URL, or the same Redis): a slow transcript write leaves
+        # Redis quiet for transcripts only, not for single-use secrets (which fail closed) and the rest.
+        self.transcripts = Transcripts(connect(settings.transcript_redis_url or settings.redis_url),
+                                       settings.transcript_ttl_s)
         self.single_use = SingleUse(store)
         self.ip_limits = SharedRateLimiter(store, "ip", settings.calls_per_ip_per_s, ip_burst)
         self.key_limits = SharedRateLimiter(store, "key", settings.calls_per_key_per_s, key_burst)
@@ -147,8 +158,13 @@ class Cluster:
             return await self.transcripts.load(call_id)
         return None
 
-    def signed(self, method: str, path_qs: str, body: bytes, caller: str, client: str) -> dict[str, str]:
-        return sign(self.secret, method, path_qs, body, Forwarded(self.node or "", caller, client), time.time())
+    def signed(self, method: str, path: str, caller: str, client: str) -> dict[str, str]:
+        """Headers for a request to another node, which carries no body (no forwarded route reads one)."""
+        return sign(self.secret, method, path, b"", Forwarded(self.node or "", caller, client), time.time())
+
+    async def aclose(self) -> None:
+        for store in {id(s): s for s in (self.store, self.transcripts and self.transcripts.store) if s}.values():
+            await store.aclose()
 
 
 CLUSTER: web.AppKey[Cluster] = web.AppKey("cluster")
@@ -168,29 +184,55 @@ def counted(outcome: str, started: float) -> None:
     FORWARD_SECONDS.labels(outcome).observe(time.monotonic() - started)
 
 
-async def ask_node(cluster: Cluster, node: str, method: str, path_qs: str, body: bytes, caller: str,
-                   client: str) -> NodeAnswer:
-    """Send a signed request to `node` (path_qs as received, still %-encoded)."""
+async def ask_node(cluster: Cluster, node: str, method: str, path: str, caller: str, client: str) -> NodeAnswer:
+    """Send a signed request without a body to `node` (`path` with its query, %-encoded as received)."""
     started = time.monotonic()
-    reply = await _ask(cluster, node, method, path_qs, body, caller, client)
+    reply = await _ask(cluster, node, method, path, caller, client)
     counted(reply.outcome, started)
     return reply
 
 
-async def _ask(cluster: Cluster, node: str, method: str, path_qs: str, body: bytes, caller: str,
-               client: str) -> NodeAnswer:
-    assert cluster.peers is not None and cluster.http is not None
-    url = await cluster.peers.url_of(node)
-    if url is None:
-        return NodeAnswer("owner_gone")
-    headers = cluster.signed(method, path_qs, body, caller, client)
+async def node_url(cluster: Cluster, node: str, path: str) -> URL | str:
+    """Where to send `path` at `node`, or why nowhere (an outcome: owner_gone or owner_unavailable)."""
+    assert cluster.peers is not None
     try:
-        async with cluster.http.request(method, URL(url + path_qs, encoded=True), headers=headers, data=body,
-                                        timeout=FORWARD_TIMEOUT, allow_redirects=False) as response:
+        url = await cluster.peers.url_of(node)
+    except RegistryDown:
+        return "owner_unavailable"  # the node may be up: not to be called gone
+    if url is None:
+        return "owner_gone"
+    try:
+        return URL(url + path, encoded=True)
+    except ValueError:  # a registered address that is not one
+        return "owner_unavailable"
+
+
+async def _ask(cluster: Cluster, node: str, method: str, path: str, caller: str, client: str) -> NodeAnswer:
+    target = await node_url(cluster, node, path)
+    if isinstance(target, str):
+        return NodeAnswer(target)
+    headers = cluster.signed(method, path, caller, client)
+    try:
+        return await _send(cluster, node, method, target, headers)
+    except ServerDisconnectedError:
+        pass  # a pooled keep-alive connection the owner had closed (aiohttp retries those for GET and DELETE only)
+    try:
+        return await _send(cluster, node, method, target, headers)
+    except ServerDisconnectedError:
+        return NodeAnswer("owner_gone")
+
+
+async def _send(cluster: Cluster, node: str, method: str, target: URL, headers: dict[str, str]) -> NodeAnswer:
+    assert cluster.http is not None
+    try:
+        async with cluster.http.request(method, target, headers=headers, timeout=FORWARD_TIMEOUT,
+                                        allow_redirects=False) as response:
             payload = await response.read()
+    except ServerDisconnectedError:
+        raise
     except GONE:
         return NodeAnswer("owner_gone")
-    except (ClientError, asyncio.TimeoutError):
+    except (ClientError, asyncio.TimeoutError, ValueError):
         return NodeAnswer("owner_unavailable")
     if response.status == 401 and REFUSED in response.headers:
         signature_refused_by(node)
@@ -225,8 +267,8 @@ def as_response(reply: NodeAnswer) -> web.Response:
 
 
 async def forward(request: web.Request, cluster: Cluster, node: str) -> web.Response:
-    reply = await ask_node(cluster, node, request.method, request.raw_path, await request.read(),
-                           caller_of(request), client_of(request, cluster))
+    reply = await ask_node(cluster, node, request.method, path_qs(request), caller_of(request),
+                           client_of(request, cluster))
     return as_response(reply)
 
 
@@ -236,7 +278,7 @@ async def transcript_elsewhere(request: web.Request, cluster: Cluster, call_id: 
     stored = await cluster.stored_transcript(call_id)
     if stored is not None and stored.get("status") == "ended":
         return web.json_response(stored_answer(stored))
-    reply = await ask_node(cluster, node, "GET", request.raw_path, b"", caller_of(request), client_of(request, cluster))
+    reply = await ask_node(cluster, node, "GET", path_qs(request), caller_of(request), client_of(request, cluster))
     if stored is not None and (reply.outcome == "owner_gone" or (reply.outcome == "answered" and reply.status == 404)):
         return web.json_response(stored_answer(stored, status="ended"))
     return as_response(reply)
@@ -248,7 +290,7 @@ async def history_elsewhere(cluster: Cluster, call_id: str, prices: dict[str, fl
     stored = await cluster.stored_transcript(call_id)
     node = cluster.other_node(call_id)
     if node is not None and (stored is None or stored.get("status") != "ended"):
-        reply = await ask_node(cluster, node, "GET", f"/v1/realtime/calls/{call_id}/transcript", b"", "relay", "")
+        reply = await ask_node(cluster, node, "GET", f"/v1/realtime/calls/{call_id}/transcript", "relay", "")
         if reply.outcome == "answered" and reply.status == 200:
             with contextlib.suppress(ValueError, AttributeError, TypeError):
                 return History.from_snapshot(json.loads(reply.body), prices)
@@ -274,7 +316,7 @@ def trust_signed(cluster: Cluster):
         try:
             if _route_of(request) not in FORWARDABLE:
                 raise SignatureError(f"{request.method} {request.path} is not forwarded between relays")
-            request[FORWARDED_FOR] = verify(cluster.secret, request.method, request.raw_path, await request.read(),
+            request[FORWARDED_FOR] = verify(cluster.secret, request.method, path_qs(request), await request.read(),
                                             request.headers, time.time())
         except SignatureError as exc:
             SIGNATURES_REFUSED.inc()
@@ -287,6 +329,12 @@ def trust_signed(cluster: Cluster):
     return check
 
 
+def may_vouch(cluster: Cluster, caller: str) -> bool:
+    """Whether a request whose caller auth found to be `caller` may go to another node: not a request from nobody
+    in particular to relays with API keys (auth lets none through; this is the last word before the signature)."""
+    return caller != "anyone" or not cluster.keys_required
+
+
 def route_to_owner(cluster: Cluster):
     """After auth: a request about another node's call goes there (a signed one was meant for this node)."""
 
@@ -296,6 +344,8 @@ def route_to_owner(cluster: Cluster):
         node = cluster.other_node(call_id) if call_id and FORWARDED_FOR not in request else None
         if node is None:
             return await handler(request)
+        if not may_vouch(cluster, caller_of(request)):
+            return refusal(401, "missing_api_key", "Send an API key (or a client secret) as 'Authorization: Bearer'.")
         if _route_of(request)[1] == TRANSCRIPT_ROUTE:
             return await transcript_elsewhere(request, cluster, call_id, node)
         return await forward(request, cluster, node)
@@ -309,35 +359,79 @@ def route_to_owner(cluster: Cluster):
 async def keep_beating(registry: Registry, entry: Callable[[], Entry]) -> None:
     """This worker's heartbeat in the registry, every BEAT_S (Redis down: counted, and tried again)."""
     while True:
-        with contextlib.suppress(SharedStateError):
-            await registry.beat(entry())
+        await beat(registry, entry)
         await asyncio.sleep(BEAT_S)
 
 
+async def beat(registry: Registry, entry: Callable[[], Entry]) -> None:
+    """One heartbeat; whatever goes wrong is logged and the next one tried (a relay out of the registry loses
+    its calls' requests). Another relay beating under this node id is an error of the deployment: said."""
+    try:
+        mine = entry()
+        others = other_urls(await registry.beat(mine), mine.url, mine.at)
+    except SharedStateError:
+        return
+    except Exception:
+        if now_and_then("heartbeat failed"):
+            log.exception("cluster heartbeat failed", extra={"event": "heartbeat_failed"})
+        return
+    if others and now_and_then("same node id"):
+        log.error("another relay beats as node %s, at %s (this one is at %s): node ids must differ (RELAY_NODE_ID)",
+                  registry.node, ", ".join(sorted(others)), mine.url,
+                  extra={"event": "duplicate_node_id", "node": registry.node})
+
+
 async def keep_publishing(cluster: Cluster, calls: Mapping[str, Any]) -> None:
-    """Write the live calls' changed transcripts every PUBLISH_EVERY_S, and ended calls' at once."""
+    """Write the live calls' changed transcripts every PUBLISH_EVERY_S, and ended calls' at once; whatever goes
+    wrong is logged and tried again next time (cancelled at shutdown: the last writes follow)."""
     revisions = Revisions()
     while True:
         await cluster.woken(PUBLISH_EVERY_S)
-        await publish(cluster, calls, revisions)
+        try:
+            await publish(cluster, calls, revisions)
+        except SharedStateError:
+            pass  # counted and logged by the store
+        except Exception:
+            if now_and_then("publishing failed"):
+                log.exception("writing transcripts failed", extra={"event": "transcripts_failed"})
 
 
-async def publish(cluster: Cluster, calls: Mapping[str, Any], revisions: Revisions) -> None:
+async def publish(cluster: Cluster, calls: Mapping[str, Any], revisions: Revisions) -> bool:
+    """Write what is due, ended calls first: True when all of it was written, False when some waits for the next
+    tick (PUBLISH_BYTES). SharedStateError when Redis failed. The ended calls taken go back unless written, however
+    this ends (cancelled mid-write at shutdown included), so that the last writes still have them."""
+    ended = cluster.take_ended()
+    try:
+        left = await _publish(cluster, calls, revisions, ended)
+    except BaseException:
+        cluster.ended_again(ended)
+        raise
+    cluster.ended_again({call_id: history for call_id, history in ended.items() if call_id in left})
+    return not left
+
+
+async def _publish(cluster: Cluster, calls: Mapping[str, Any], revisions: Revisions, ended: Mapping[str, History]
+                   ) -> set[str]:
+    """Write this tick's share of what is due; the calls left for the next."""
     assert cluster.transcripts is not None
     live = {call_id: call.history.revision for call_id, call in calls.items()}
-    due = revisions.changed(live)
-    ended = cluster.take_ended()
-    records = [record(call_id, "active", cluster.node, calls[call_id].history.snapshot()) for call_id in due]
-    records += [record(call_id, "ended", cluster.node, history.snapshot()) for call_id, history in ended.items()]
-    if not records:
-        return
-    try:
-        await cluster.transcripts.save(records)
-    except SharedStateError:
-        cluster.ended_again(ended)  # and live calls' are, as their revisions stay unsaved
-        return
-    for call_id in due:
-        revisions.saved(call_id, live[call_id])
+    due = [(call_id, "ended", history) for call_id, history in ended.items()]
+    due += [(call_id, "active", calls[call_id].history) for call_id in revisions.changed(live)]
+    batch: list[tuple[str, str]] = []
+    size = 0
+    for call_id, status, history in due:
+        if size >= PUBLISH_BYTES:
+            break
+        text = encode(record(call_id, status, cluster.node, history.snapshot()))
+        batch.append((call_id, text))
+        size += len(text)
+        await asyncio.sleep(0)  # encoding is the event loop's time: the calls' audio goes first
+    if batch:
+        await cluster.transcripts.save(batch)
+    for call_id, _ in batch:
+        if call_id in live:
+            revisions.saved(call_id, live[call_id])
+    return {call_id for call_id, _, _ in due[len(batch):]}
 
 
 def peer_connector() -> TCPConnector:
@@ -366,22 +460,26 @@ def add_cluster(app: web.Application, cluster: Cluster, calls: Mapping[str, Any]
             tasks.append(asyncio.ensure_future(keep_publishing(cluster, calls)))
         yield
         for task in tasks:
-            task.cancel()
+            task.cancel()  # publish() puts back what it had taken: the last writes have it
         await asyncio.gather(*tasks, return_exceptions=True)
         await _last_writes(cluster, calls)
         if cluster.http is not None:
             await cluster.http.close()
-        if cluster.store is not None:
-            await cluster.store.aclose()
+        await cluster.aclose()
 
     app.cleanup_ctx.append(running)
 
 
 async def _last_writes(cluster: Cluster, calls: Mapping[str, Any]) -> None:
-    """At shutdown: the calls' last transcripts (a drain ends them just before), then leave the registry."""
-    with contextlib.suppress(asyncio.TimeoutError, SharedStateError):
+    """At shutdown, within FINAL_WRITES_S: the calls' last transcripts (a drain ends them just before; as many
+    ticks' worth as it takes), then leave the registry."""
+    with contextlib.suppress(asyncio.TimeoutError):
         async with asyncio.timeout(FINAL_WRITES_S):
             if cluster.transcripts is not None:
-                await publish(cluster, calls, Revisions())
+                with contextlib.suppress(SharedStateError):
+                    revisions = Revisions()
+                    while not await publish(cluster, calls, revisions):
+                        pass
             if cluster.registry is not None:
-                await cluster.registry.leave()
+                with contextlib.suppress(SharedStateError):
+                    await cluster.registry.leave()

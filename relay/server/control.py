@@ -25,9 +25,9 @@ from relay.cluster.signing import HEADERS as CLUSTER_HEADERS
 from relay.server.auth import FORWARDED_FOR, TOKEN_PREFIX, api_key_index, bearer, is_api_key, origin_allowed, refusal
 from relay.server.calls import CALLS, ENDED, SETTINGS, WORKER
 from relay.server.cluster import (ANSWER_TIMEOUT_S, CLUSTER, GONE, REFUSED, NodeAnswer, as_response, client_of,
-                                 counted, signature_refused_by)
+                                 counted, may_vouch, node_url, signature_refused_by)
 from relay.server.errors import error_response
-from relay.server.workers import FORWARDED, PEER, peer_address
+from relay.server.workers import FORWARDED, PEER, path_qs, peer_address
 
 log = logging.getLogger("relay.call")
 KEY_SUBPROTOCOL = "openai-insecure-api-key."  # a browser's way of sending a key; OpenAI takes it
@@ -136,14 +136,14 @@ async def relay_to_owner(request: web.Request, owner: int) -> web.StreamResponse
     offered = offered_protocols(request)
     session = ClientSession(connector=UnixConnector(path=str(worker.socket_path(owner))))
     try:
-        inner = await session.ws_connect(URL(f"http://worker{request.raw_path}", encoded=True), headers=headers,
+        inner = await session.ws_connect(URL(f"http://worker{path_qs(request)}", encoded=True), headers=headers,
                                          protocols=offered, max_msg_size=0, autoping=True)
     except WSServerHandshakeError as exc:
         await session.close()
         code, message = OWNER_REFUSALS.get(exc.status, ("worker_unavailable", "The worker that owns this call "
                                                         "did not take the socket."))
         return error_response(exc.status if exc.status in OWNER_REFUSALS else 503, code, message)
-    except (OSError, ClientError, asyncio.TimeoutError):
+    except (OSError, ClientError, asyncio.TimeoutError, ValueError):  # ValueError: a path that makes no URL
         await session.close()
         return error_response(503, "worker_unavailable", "The worker that owns this call is not available.",
                               "server_error")
@@ -159,17 +159,19 @@ async def relay_to_node(request: web.Request, node: str) -> web.StreamResponse:
     """The call is another relay's: open the same socket there, signed (the key's index, never the key), and relay
     the frames both ways; a refusal there is answered here, before the upgrade; a node gone is a prompt 404."""
     cluster = request.app[CLUSTER]
-    assert cluster.peers is not None and cluster.http is not None
+    assert cluster.http is not None
+    caller = _caller(request)
+    if not may_vouch(cluster, caller):  # who_refused let nobody through; this is the last word before signing
+        return refusal(401, "missing_api_key", "Send an API key as 'Authorization: Bearer'.")
     started = time.monotonic()
-    url = await cluster.peers.url_of(node)
+    target = await node_url(cluster, node, path_qs(request))
     inner, refused = None, None
-    if url is None:
-        outcome = "owner_gone"
+    if isinstance(target, str):
+        outcome = target
     else:
-        headers = cluster.signed("GET", request.raw_path, b"", _caller(request), client_of(request, cluster))
+        headers = cluster.signed("GET", path_qs(request), caller, client_of(request, cluster))
         protocols = [p for p in offered_protocols(request) if not p.startswith(KEY_SUBPROTOCOL)]  # never the key
-        inner, outcome, refused = await _open_at_node(cluster.http, URL(url + request.raw_path, encoded=True),
-                                                      headers, protocols)
+        inner, outcome, refused = await _open_at_node(cluster.http, target, headers, protocols)
     counted(outcome, started)
     if outcome == "refused":
         signature_refused_by(node)
@@ -189,10 +191,12 @@ def _caller(request: web.Request) -> str:
 
 async def _open_at_node(http: ClientSession, url: URL, headers: dict[str, str], protocols: list[str]
                         ) -> tuple[Any, str, web.Response | None]:
-    """(the socket, the outcome, the owner's refusal as this relay answers it)."""
+    """(the socket, the outcome, the owner's refusal as this relay answers it). The socket pings the owner every
+    HEARTBEAT_S: an owner gone dark (no FIN, no RST) is noticed, and the backend's socket closed, in 1.5 times that."""
     try:
         async with asyncio.timeout(ANSWER_TIMEOUT_S):
-            inner = await http.ws_connect(url, headers=headers, protocols=protocols, max_msg_size=0, autoping=True)
+            inner = await http.ws_connect(url, headers=headers, protocols=protocols, max_msg_size=0, autoping=True,
+                                          heartbeat=HEARTBEAT_S)
         return inner, "answered", None
     except WSServerHandshakeError as exc:
         if exc.status == 401 and exc.headers is not None and REFUSED in exc.headers:

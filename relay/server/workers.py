@@ -111,6 +111,12 @@ def from_a_worker(request: web.Request) -> bool:
     return isinstance(request.transport.get_extra_info("sockname") if request.transport else None, str)
 
 
+def path_qs(request: web.Request) -> str:
+    """The request's path and query as passed on to another worker or relay (and signed, and checked there):
+    relative (an absolute-form request target's scheme and host are dropped), %-encoded as received."""
+    return request.rel_url.raw_path_qs
+
+
 def peer_address(request: web.Request) -> str | None:
     """The address of whoever connected: a request forwarded by another worker carries the address its first worker
     saw."""
@@ -122,7 +128,7 @@ def peer_address(request: web.Request) -> str | None:
 async def forward(request: web.Request, worker: Worker, owner: int) -> web.Response:
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS | {PEER.lower()}}
     headers[PEER] = peer_address(request) or ""
-    answer = await ask_worker(worker, owner, request.raw_path, request.method, headers, await request.read())
+    answer = await ask_worker(worker, owner, path_qs(request), request.method, headers, await request.read())
     if answer is None:
         return error_response(503, "worker_unavailable", "The worker that owns this call is not available.",
                               "server_error")
@@ -143,7 +149,7 @@ async def ask_worker(worker: Worker, index: int, path_qs: str, method: str = "GE
             async with session.request(method, URL(f"http://worker{path_qs}", encoded=True),
                                        headers=(headers or {}) | {FORWARDED: "1"}, data=body) as response:
                 return response.status, response.headers, await response.read()
-    except (OSError, ClientError, asyncio.TimeoutError):
+    except (OSError, ClientError, asyncio.TimeoutError, ValueError):  # ValueError: a path that makes no URL
         return None
 
 

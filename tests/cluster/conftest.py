@@ -10,19 +10,13 @@ from typing import Iterator
 
 import pytest
 
+from tests.cluster.requirements import unavailable
 from tests.cluster.stack import NGINX, REDIS, Cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 # Low limits, so that the limit test sees them hold cluster-wide; every other test keeps under them (its calls come
 # from addresses of their own, or use API keys with an allowance of their own).
 LIMITS = {"calls_per_ip_per_s": "0.01", "calls_per_key_per_s": "0.01"}
-
-
-def _unavailable(reason: str) -> None:
-    """In CI a missing piece fails the run; elsewhere the cluster tests skip, saying why."""
-    if os.environ.get("CI"):
-        pytest.fail(f"cluster tests cannot run: {reason}")
-    pytest.skip(f"cluster tests skipped: {reason}")
 
 
 def missing_requirements() -> str | None:
@@ -35,7 +29,7 @@ def missing_requirements() -> str | None:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     if reason := missing_requirements():
-        _unavailable(reason)
+        unavailable("the cluster tests", reason)
     root = tmp_path_factory.mktemp("cluster")
     with Cluster(root, nodes=3, workers=2, client_secret_single_use="true", call_idle_timeout_s="10",
                  **LIMITS) as running:

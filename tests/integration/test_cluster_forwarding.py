@@ -1,13 +1,17 @@
 """Cluster mode without Redis (issue 19, point 1): relays as separate processes, each on its own loopback address
 (127.0.0.N, node id N, one port for all, as pods behind a headless Service), finding each other with
 RELAY_PEER_URL_TEMPLATE. A request about a call that reaches the wrong relay is answered by the call's own; what
-travels between relays is signed and carries no client credentials; a forged or stale signature is refused; a
-dead owner is a prompt 404."""
+travels between relays is signed and carries no client credentials (nor a body, nor a host the client named); a
+forged or stale signature is refused; a client secret that is not one goes nowhere; a dead owner is a prompt 404,
+and one gone dark under a backend's socket is noticed. Some run a relay in the test's process (create_app), in
+front of a stand-in for another node."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import re
 import socket
@@ -26,6 +30,7 @@ from relay.cluster.ids import new_call_id
 from relay.cluster.signing import CALLER, CLIENT, NODE, SIGNATURE, Forwarded, sign, verify
 from relay.config import Settings
 from relay.protocol import new_id
+from relay.server import control
 from relay.server.app import create_app
 from relay.server.workers import Worker
 from relay.upstream.target import choose_upstream
@@ -238,7 +243,7 @@ class Recorder:
         vouched = verify(CLUSTER_SECRET.encode(), request.method, request.raw_path, body, request.headers,
                          time.time())
         self.received.append({"method": request.method, "path": request.raw_path, "vouched": vouched,
-                              "headers": {k.lower(): v for k, v in request.headers.items()}})
+                              "headers": {k.lower(): v for k, v in request.headers.items()}, "body": body})
         if request.headers.get("Upgrade", "").lower() == "websocket":
             ws = web.WebSocketResponse(protocols=("realtime",))
             await ws.prepare(request)
@@ -433,3 +438,102 @@ async def test_a_nodes_workers_resume_each_others_calls_behind_api_keys(simulato
     finally:
         for runner in runners:
             await runner.cleanup()
+
+
+# --- in this process: a relay in front of stand-ins for other nodes ----------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def relay_in_front(port: int, **settings: str) -> AsyncIterator[str]:
+    """Node 1 in this process on 127.0.0.1 (a free port), other nodes at 127.0.0.<node>:`port`; its base URL."""
+    loaded = Settings.load(env={}, upstream_url="ws://127.0.0.1:9/v1/realtime", ice_addresses="127.0.0.1",
+                           api_keys=f"{KEY},{OTHER_KEY}", token_secret=TOKEN_SECRET, node_id="1",
+                           cluster_secret=CLUSTER_SECRET, peer_url_template=template(port), **settings)
+    runner = web.AppRunner(create_app(loaded, choose_upstream(loaded)), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def raw_request(base: str, head: str, body: bytes = b"") -> tuple[int, str, bytes]:
+    """Send `head` (a request's first line and headers) as it is, and `body`: (status, content type, body)."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head.encode() + b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    content_type = next((line.split(b":", 1)[1].strip().decode() for line in headers.split(b"\r\n")
+                         if line.lower().startswith(b"content-type:")), "")
+    return int(status_line.split()[1]), content_type, body
+
+
+async def test_a_client_secret_that_is_not_one_is_refused_before_anything_is_forwarded():
+    port = free_port()
+    async with recording_node_9(port) as recorder, relay_in_front(port) as base, aiohttp.ClientSession() as http:
+        call_id = new_call_id(new_id("rtc"), 0, "9")
+        for method, path in (("POST", f"/v1/realtime/calls/{call_id}/hangup"),
+                             ("DELETE", f"/v1/realtime/calls/{call_id}")):
+            async with http.request(method, base + path, headers={"Authorization": "Bearer ek_garbage"}) as response:
+                assert response.status == 401
+                assert (await response.json())["error"]["code"] == "invalid_client_secret"
+        assert recorder.received == []
+
+
+async def test_what_is_forwarded_is_the_relative_path_and_no_body():
+    """An absolute-form request target (`POST http://elsewhere/…`) names a host: the path alone goes on, signed as
+    the owner checks it. A body nothing reads is not passed on."""
+    port = free_port()
+    async with recording_node_9(port) as recorder, relay_in_front(port) as base:
+        path = f"/v1/realtime/calls/{new_call_id(new_id('rtc'), 0, '9')}/hangup"
+        status, _, body = await raw_request(base, f"POST http://elsewhere.example{path} HTTP/1.1\r\nHost: x\r\n"
+                                                  f"Authorization: Bearer {KEY}\r\n", b"hello")
+        assert status == 200 and json.loads(body) == {"answered_by": "node 9"}
+        status, _, _ = await raw_request(base, f"DELETE {path.removesuffix('/hangup')} HTTP/1.1\r\nHost: x\r\n"
+                                               f"Authorization: Bearer {KEY}\r\n", b"hello")
+        assert status == 200
+    assert [(r["method"], r["path"], r["body"]) for r in recorder.received] == [
+        ("POST", path, b""), ("DELETE", path.removesuffix("/hangup"), b"")]
+
+
+async def test_a_body_over_the_limit_at_a_cluster_route_is_a_json_error():
+    port = free_port()
+    async with relay_in_front(port, max_sdp_bytes="1024") as base, aiohttp.ClientSession() as http:
+        path = f"/v1/realtime/calls/{new_call_id(new_id('rtc'), 0, '1')}/hangup"
+        body = b"x" * 2048
+        signed = sign(CLUSTER_SECRET.encode(), "POST", path, body, Forwarded("2", "backend:key0", "192.0.2.1"),
+                      time.time())
+        async with http.post(base + path, data=body, headers=signed) as response:  # read to check the signature
+            assert response.status == 413 and response.content_type == "application/json"
+            assert (await response.json())["error"]["code"] == "request_too_large"
+
+
+async def handshake_then_silence(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A node that takes a WebSocket and then goes dark: it answers nothing more, pings included."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    key = re.search(r"(?im)^sec-websocket-key:\s*(\S+)", head).group(1)
+    accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Protocol: realtime\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(3600)  # holds the connection open: no FIN, no RST
+
+
+async def test_a_relayed_backend_socket_notices_an_owner_gone_dark(monkeypatch):
+    monkeypatch.setattr(control, "HEARTBEAT_S", 0.4)
+    port = free_port()
+    dark = await asyncio.start_server(handshake_then_silence, "127.0.0.8", port)
+    try:
+        async with relay_in_front(port) as base, aiohttp.ClientSession() as http:
+            url = f"{base}/v1/realtime?call_id={new_call_id(new_id('rtc'), 0, '8')}"
+            async with http.ws_connect(url, headers=AUTH, protocols=["realtime"]) as backend:
+                message = await asyncio.wait_for(backend.receive(), 5)  # pinged, no pong: the relay closes it
+                assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    finally:
+        dark.close()

@@ -1,7 +1,8 @@
 """Cluster mode with Redis (issue 19, point 2): relays as separate processes on 127.0.0.N sharing Debian's
 redis-server (started by the test, no persistence, stopped by its pid). The registry finds the nodes; limits and
-single-use secrets hold across relays; a call's transcript outlives its relay (killed, or drained and gone); Redis
-down: single-use secrets fail closed, limits fail open, both counted."""
+single-use secrets hold across relays (and one is given back when no call comes of it); a call's transcript outlives
+its relay (killed, or drained and gone; a relay restarted under its node id says it ended); Redis down: single-use
+secrets fail closed, limits fail open, both counted."""
 
 from __future__ import annotations
 
@@ -12,14 +13,19 @@ from typing import AsyncIterator
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from aiortc import RTCPeerConnection
 
-from relay.cluster.ids import owner_of
+from relay.cluster.ids import new_call_id, owner_of
 from relay.cluster.registry import Registry
 from relay.cluster.store import connect
-from relay.cluster.transcripts import Transcripts
-from tests.integration.test_cluster_forwarding import (AUTH, Node, free_port, metric, metrics_of, node_env, running,
-                                                       start_node, talk)
+from relay.cluster.transcripts import Transcripts, encode, record
+from relay.config import Settings
+from relay.protocol import new_id
+from relay.server.app import create_app
+from relay.upstream.target import choose_upstream
+from tests.integration.test_cluster_forwarding import (AUTH, KEY as AUTH_KEY, Node, free_port, metric, metrics_of,
+                                                       node_env, running, start_node, talk)
 from tests.unit.test_cluster_redis import RedisServer, redis_server  # noqa: F401 (a fixture)
 from tests.webrtc_client import call_relay
 
@@ -180,6 +186,41 @@ async def test_a_single_use_secret_used_at_two_nodes_at_once_makes_one_call(shar
         assert len(made) == 1 and sorted(status for status, _ in results) == [201] + [401] * 19
         async with http.delete(f"{one.base}{made[0]}", headers=AUTH) as response:
             assert response.status == 204
+
+
+async def test_a_single_use_secret_is_given_back_when_no_call_comes_of_it(shared_nodes):
+    one, two = shared_nodes
+    offer = await an_offer()
+    async with aiohttp.ClientSession() as http:
+        once = await mint(http, two)
+        for body in ("v=0\r\n", "not an offer"):  # refused after the secret was taken: not used
+            async with http.post(f"{one.base}/v1/realtime/calls", data=body, headers={**once, **SDP}) as answer:
+                assert answer.status == 400
+        async with http.post(f"{two.base}/v1/realtime/calls", data=offer, headers={**once, **SDP}) as answer:
+            assert answer.status == 201
+            location = answer.headers["Location"]
+        async with http.post(f"{one.base}/v1/realtime/calls", data=offer, headers={**once, **SDP}) as answer:
+            assert answer.status == 401  # used now
+        async with http.delete(f"{one.base}{location}", headers=AUTH) as response:
+            assert response.status == 204
+
+
+async def test_a_restarted_nodes_own_call_in_redis_is_ended(simulator, redis_server):
+    """A node's worker restarted: the call Redis last heard of as live is not carried here any more."""
+    settings = Settings.load(env={}, upstream_url=simulator.url, ice_addresses="127.0.0.1", api_keys=AUTH_KEY,
+                             node_id="1", cluster_secret="c" * 40, redis_url=redis_server.url,
+                             advertise_url="http://127.0.0.1:9")
+    call_id = new_call_id(new_id("rtc"), 0, "1")
+    snapshot = {"entries": [{"seq": 0, "role": "user", "text": "Remember 42."}], "entries_dropped": 0, "usage": {}}
+    store = connect(redis_server.url)
+    try:
+        await Transcripts(store, 60).save([(call_id, encode(record(call_id, "active", "1", snapshot)))])
+    finally:
+        await store.aclose()
+    async with TestClient(TestServer(create_app(settings, choose_upstream(settings)), host="127.0.0.1")) as client:
+        async with client.get(f"/v1/realtime/calls/{call_id}/transcript", headers=AUTH) as response:
+            body = await response.json()
+    assert response.status == 200 and body["status"] == "ended" and body["entries"][0]["text"] == "Remember 42."
 
 
 async def test_limits_hold_across_relays(simulator, redis_server):

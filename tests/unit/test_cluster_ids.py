@@ -1,20 +1,24 @@
 """Cluster mode, the parts without I/O: call ids naming node and worker, the signature between relays, where a node
-is reached, the registry's entries, which transcripts are due, and the settings."""
+is reached, the registry's entries, which transcripts are due and how much of them is stored, single-use secrets
+given back, and the settings."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
 from relay.cluster.ids import new_call_id, owner_of, Owner
-from relay.cluster.peers import Peers, template_url
-from relay.cluster.registry import STALE_S, Entry, live_url
+from relay.cluster.peers import Peers, RegistryDown, template_url
+from relay.cluster.registry import SAME_NODE_S, STALE_S, Entry, live_url, other_urls
 from relay.cluster.signing import (CALLER, CLIENT, MAX_AGE_S, NODE, SIGNATURE, TIME, Forwarded, SignatureError, sign,
                                    verify)
-from relay.cluster.transcripts import Revisions, answer, record
+from relay.cluster.store import SharedStateError
+from relay.cluster.transcripts import MAX_RECORD_BYTES, Revisions, answer, encode, record
 from relay.config import Settings, SettingsError
 from relay.protocol import new_id
+from relay.server.auth import Tokens, TokenError
 from relay.server.workers import Worker
 
 SECRET = b"s" * 32
@@ -114,6 +118,32 @@ async def test_without_a_registry_a_node_is_where_the_template_says():
     assert await Peers(None, None).url_of("0") is None  # nowhere: gone
 
 
+class DownRegistry:
+    """A registry whose Redis does not answer."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url, self.down = url, False
+
+    async def lookup(self, node: str, now: float) -> str | None:
+        if self.down:
+            raise SharedStateError("registry")
+        return self.url
+
+
+async def test_redis_down_and_nothing_to_go_by_is_not_a_gone_node():
+    registry = DownRegistry()
+    peers = Peers(registry, None)
+    assert await peers.url_of("1") is None  # asked, and not there: gone
+    registry.down = True
+    with pytest.raises(RegistryDown):  # not asked: it may be up (503, not 404)
+        await peers.url_of("1")
+    assert await Peers(registry, "http://relay-{node}:8080").url_of("1") == "http://relay-1:8080"
+    registry.down, registry.url = False, "http://10.0.0.1:8080"
+    assert await peers.url_of("1") == "http://10.0.0.1:8080"
+    registry.down = True
+    assert await peers.url_of("1") == "http://10.0.0.1:8080"  # its last word
+
+
 def entry(at: float, url: str = "http://10.0.0.1:8080") -> Entry:
     return Entry(url, "serving", 3, 50, at)
 
@@ -131,6 +161,12 @@ def test_a_node_is_live_while_one_of_its_workers_beats():
     assert live_url([], NOW) is None
 
 
+def test_another_address_beaten_just_now_under_this_node_id_is_another_relay():
+    assert other_urls([entry(NOW - 0.5, "http://b:1"), entry(NOW, "http://a:1"), None], "http://a:1", NOW) == {
+        "http://b:1"}
+    assert other_urls([entry(NOW - SAME_NODE_S - 0.1, "http://b:1")], "http://a:1", NOW) == set()  # it stopped
+
+
 # --- transcripts -------------------------------------------------------------------------------------------------
 
 
@@ -143,6 +179,48 @@ def test_a_transcript_is_due_when_it_changed_since_it_was_saved():
     assert revisions.changed({"a": 2, "b": 0}) == ["a"]
     assert revisions.changed({"b": 0}) == []  # a ended: forgotten
     assert revisions.changed({"a": 2, "b": 0}) == ["a"]
+
+
+def test_transcripts_saved_longest_ago_come_first():
+    """A tick that writes only some (PUBLISH_BYTES): the others are first at the next one, none waits forever."""
+    revisions = Revisions()
+    for call_id in "abc":
+        revisions.saved(call_id, 0)
+    assert revisions.changed({"a": 1, "b": 1, "c": 1, "d": 0}) == ["d", "a", "b", "c"]  # never saved first
+    revisions.saved("d", 0)
+    revisions.saved("a", 1)
+    assert revisions.changed({"a": 2, "b": 1, "c": 1, "d": 1}) == ["b", "c", "d", "a"]
+
+
+def snapshot(*texts: str, dropped: int = 0) -> dict:
+    return {"entries": [{"seq": i, "role": "user", "text": text} for i, text in enumerate(texts)],
+            "entries_dropped": dropped, "usage": {"responses": 1}}
+
+
+def test_a_stored_transcript_keeps_its_newest_entries_within_the_bound():
+    small = record("rtc_a_0x", "active", "a", snapshot("a", "b", dropped=3))
+    assert json.loads(encode(small)) == small  # within the bound: as it is
+    big = record("rtc_a_0x", "active", "a", snapshot(*(str(i) * 100_000 for i in range(5)), "tail", dropped=3))
+    stored = json.loads(encoded := encode(big))
+    assert len(encoded.encode()) <= MAX_RECORD_BYTES
+    assert [e["seq"] for e in stored["entries"]] == [3, 4, 5]  # the newest that fit
+    assert stored["entries_dropped"] == 3 + 3 and stored["usage"] == {"responses": 1}
+    too_long = record("rtc_a_0x", "ended", "a", snapshot("x" * (MAX_RECORD_BYTES + 1)))
+    assert json.loads(encode(too_long))["entries"] == []  # an entry over the bound alone: counted, not stored
+    assert json.loads(encode(too_long))["entries_dropped"] == 1
+    escaped = record("rtc_a_0x", "ended", "a", snapshot("é" * 100_000, "\n" * 100_000))  # 6 and 2 bytes in JSON
+    assert len(encode(escaped).encode()) <= MAX_RECORD_BYTES
+
+
+def test_a_single_use_secret_given_back_at_its_minting_worker_works_again():
+    tokens = Tokens(b"k" * 32, single_use=True)
+    token, _ = tokens.mint(None, 60, NOW)
+    claims = tokens.check(token, NOW)
+    tokens.redeem(claims, NOW)
+    with pytest.raises(TokenError):
+        tokens.redeem(claims, NOW)
+    tokens.give_back(claims)  # its call was not created
+    tokens.redeem(claims, NOW)
 
 
 def test_a_stored_transcript_answers_as_the_relay_does():
@@ -165,6 +243,8 @@ def test_cluster_settings_are_read_and_urls_tidied():
     assert settings.advertise_url == "http://10.1.2.3:8080" and settings.transcript_ttl_s == 3600
     assert Settings.load(env={}).node_id is None  # not in a cluster by default
     assert Settings.load(env={"RELAY_REDIS_URL": "unix:///run/redis.sock"}).redis_url  # shared state, no cluster
+    assert Settings.load(env={"RELAY_REDIS_URL": "redis://h/0", "RELAY_TRANSCRIPT_REDIS_URL": "redis://t/0"}
+                         ).transcript_redis_url == "redis://t/0"
 
 
 @pytest.mark.parametrize("env,named", [
@@ -183,6 +263,8 @@ def test_cluster_settings_are_read_and_urls_tidied():
     ({"RELAY_REDIS_URL": "http://h:6379"}, "RELAY_REDIS_URL"),
     ({"RELAY_ADVERTISE_URL": "http://h:1"}, "RELAY_NODE_ID"),  # meaningless alone
     ({"RELAY_REDIS_URL": "redis://h", "RELAY_TRANSCRIPT_TTL_S": "10"}, "RELAY_TRANSCRIPT_TTL_S"),
+    ({"RELAY_TRANSCRIPT_REDIS_URL": "redis://t"}, "RELAY_TRANSCRIPT_REDIS_URL"),  # nothing else shared
+    ({"RELAY_REDIS_URL": "redis://h", "RELAY_TRANSCRIPT_REDIS_URL": "http://t"}, "RELAY_TRANSCRIPT_REDIS_URL"),
 ])
 def test_bad_cluster_settings_stop_the_start_naming_the_setting(env, named):
     with pytest.raises(SettingsError, match=named):

@@ -1,10 +1,12 @@
 """Cluster mode's shared state against a real redis-server (Debian's), started per test on a free loopback port with
-no persistence and stopped by its pid: single-use secrets, cluster-wide limits, transcripts, the registry, and what
-each does when Redis is down (raises SharedStateError, counted by what it was for)."""
+no persistence and stopped by its pid (without redis-server: skipped, saying why; failed when CI is set): single-use
+secrets (taken once, given back), cluster-wide limits, transcripts (bounded), the registry (a second relay with the
+same node id named), and what each does when Redis is down (raises SharedStateError, counted by what it was for)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import subprocess
 import time
@@ -18,13 +20,15 @@ import redis
 from prometheus_client import REGISTRY
 
 from relay.cluster.limits import SharedRateLimiter
-from relay.cluster.peers import Peers
-from relay.cluster.registry import TTL_S, Entry, Registry
+from relay.cluster.peers import Peers, RegistryDown
+from relay.cluster.registry import SAME_NODE_S, TTL_S, Entry, Registry
 from relay.cluster.single_use import SingleUse
 from relay.cluster.store import QUIET_S, SharedStateError, connect
-from relay.cluster.transcripts import Revisions, Transcripts, record
+from relay.cluster.transcripts import MAX_RECORD_BYTES, Revisions, Transcripts, encode, record
 from relay.core.history import History
-from relay.server.cluster import Cluster, publish
+from relay.server import cluster as cluster_module
+from relay.server.cluster import PUBLISH_BYTES, Cluster, beat, publish
+from tests.cluster.requirements import require_redis_server
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
@@ -75,6 +79,7 @@ class RedisServer:
 
 @pytest.fixture
 def redis_server(tmp_path) -> Iterator[RedisServer]:
+    require_redis_server()
     server = RedisServer(tmp_path)
     server.start()
     yield server
@@ -93,12 +98,39 @@ async def test_a_single_use_secret_is_taken_once_by_fifty_relays_at_once(redis_s
     try:
         now = time.time()
         uses = [SingleUse(clients[i % 5]).consume("nonce1", now + 600, now) for i in range(50)]
-        assert sum(await asyncio.gather(*uses)) == 1
+        assert sum(use is not None for use in await asyncio.gather(*uses)) == 1
         assert await SingleUse(clients[0]).consume("nonce2", now + 600, now)  # another secret: its own first use
         assert 590 <= await clients[0].redis.ttl("relay:secret:nonce1") <= 601  # remembered while the secret is valid
     finally:
         for client in clients:
             await client.aclose()
+
+
+async def test_a_use_whose_set_nx_was_sent_twice_still_takes_the_secret(redis_server):
+    """redis-py sends a command again when its answer timed out: a SET NX that took the key the first time answers
+    nil the second. The value there is this use's own: it took the secret."""
+    client = connect(redis_server.url)
+    try:
+        now = time.time()
+        await client.redis.set("relay:secret:nonce1", "use-a", nx=True, ex=60)  # the first sending, answer lost
+        assert await SingleUse(client).consume("nonce1", now + 60, now, use="use-a") == "use-a"
+        assert await SingleUse(client).consume("nonce1", now + 60, now, use="use-b") is None  # another use
+    finally:
+        await client.aclose()
+
+
+async def test_a_secret_given_back_is_free_again_but_only_by_the_use_that_took_it(redis_server):
+    client = connect(redis_server.url)
+    try:
+        now = time.time()
+        secrets = SingleUse(client)
+        taken = await secrets.consume("nonce1", now + 60, now)
+        await secrets.release("nonce1", "another use")  # not the taker: nothing happens
+        assert await secrets.consume("nonce1", now + 60, now) is None
+        await secrets.release("nonce1", taken)
+        assert await secrets.consume("nonce1", now + 60, now) is not None
+    finally:
+        await client.aclose()
 
 
 # --- cluster-wide limits -----------------------------------------------------------------------------------------
@@ -139,7 +171,8 @@ async def test_transcripts_are_kept_for_their_ttl(redis_server):
     try:
         store = Transcripts(client, ttl_s=120)
         snapshot = {"entries": [{"seq": 0, "role": "user", "text": "Remember 42."}], "entries_dropped": 0, "usage": {}}
-        await store.save([record("rtc_a_0x", "active", "a", snapshot), record("rtc_a_0x", "ended", "a", snapshot)])
+        await store.save([("rtc_a_0x", encode(record("rtc_a_0x", "active", "a", snapshot))),
+                          ("rtc_a_0x", encode(record("rtc_a_0x", "ended", "a", snapshot)))])
         assert await store.load("rtc_a_0x") == record("rtc_a_0x", "ended", "a", snapshot)  # the last write wins
         assert 110 <= await client.redis.ttl("relay:transcript:rtc_a_0x") <= 120
         assert await store.load("rtc_a_0y") is None
@@ -249,7 +282,8 @@ async def test_while_redis_is_down_a_node_is_where_the_registry_last_said(redis_
         assert await peers.url_of("a") == "http://10.0.0.1:8080"  # Redis down: its last word
         assert await peers.url_of("b") == "http://relay-b:8080"
         assert errors("registry") == before + 2
-        assert await Peers(registry, None).url_of("a") is None  # nothing remembered, no template: gone
+        with pytest.raises(RegistryDown):  # nothing remembered, no template: not known to be gone (a 503)
+            await Peers(registry, None).url_of("a")
     finally:
         await store.aclose()
 
@@ -287,10 +321,65 @@ async def test_an_ended_calls_transcript_waits_for_redis_to_come_back(redis_serv
     try:
         redis_server.stop()
         cluster.call_ended("rtc_a_0y", said("Remember 43.").history)
-        await publish(cluster, {}, Revisions())  # fails: kept for the next time
+        with pytest.raises(SharedStateError):
+            await publish(cluster, {}, Revisions())  # fails: kept for the next time
         redis_server.start()
         await publish(cluster, {}, Revisions())
         stored = await cluster.stored_transcript("rtc_a_0y")
         assert stored["status"] == "ended" and stored["entries"][0]["text"] == "Remember 43."
+    finally:
+        await store.aclose()
+
+
+async def test_a_transcript_in_redis_is_bounded_and_so_is_a_ticks_work(redis_server):
+    """A client can make a call's transcript over 100 MB (500 entries of any length): Redis gets its newest
+    entries up to MAX_RECORD_BYTES, the others counted as dropped, and one tick writes PUBLISH_BYTES at most."""
+    store = connect(redis_server.url)
+    cluster = Cluster(node="a", store=store, transcripts=Transcripts(store, 60))
+    calls = {f"rtc_a_0{i}": said("x" * 200_000) for i in range(30)}
+    for call in calls.values():
+        call.history.on_client_event({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Remember 42."}]}})
+        for _ in range(2):  # 600 kB each
+            call.history.on_client_event({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "y" * 200_000}]}})
+    revisions = Revisions()
+    try:
+        assert not await publish(cluster, calls, revisions)  # some left for the next tick
+        written = [key async for key in store.redis.scan_iter(match="relay:transcript:*")]
+        assert 0 < len(written) < len(calls)
+        assert sum([await store.redis.strlen(key) for key in written]) <= PUBLISH_BYTES + MAX_RECORD_BYTES
+        assert await publish(cluster, calls, revisions)  # the others: this tick
+        for call_id in calls:
+            assert await store.redis.strlen(f"relay:transcript:{call_id}") <= MAX_RECORD_BYTES
+            stored = await cluster.stored_transcript(call_id)
+            assert [e["text"][0] for e in stored["entries"]] == ["y"]  # the newest that fits
+            assert stored["entries_dropped"] == 3
+    finally:
+        await store.aclose()
+
+
+async def test_a_second_relay_with_the_same_node_id_is_named_in_the_log(redis_server, caplog, monkeypatch):
+    store = connect(redis_server.url)
+
+    async def beaten() -> str:
+        monkeypatch.setattr(cluster_module, "_logged", {})  # logged at most every 10 s: not here
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="relay.cluster"):
+            await beat(mine, lambda: Entry("http://10.0.0.1:8080", "serving", 0, 50, time.time()))
+        return caplog.text
+
+    try:
+        mine = Registry(store, "a", 0)
+        assert await mine.beat(Entry("http://10.0.0.1:8080", "serving", 0, 50, time.time())) == []
+        assert await beaten() == ""  # its own entry is no other relay
+        # Another relay as node a, worker 0 too: it overwrites this one's entry, seen as this one beats next.
+        await Registry(store, "a", 0).beat(Entry("http://10.0.0.2:8080", "serving", 0, 50, time.time()))
+        assert "another relay beats as node a, at http://10.0.0.2:8080" in await beaten()
+        assert await beaten() == ""  # this one's entry again
+        await Registry(store, "a", 1).beat(Entry("http://10.0.0.3:8080", "serving", 0, 50, time.time()))
+        assert "at http://10.0.0.3:8080" in await beaten()
+        await asyncio.sleep(SAME_NODE_S)  # it stopped (killed, and started again elsewhere): no other relay now
+        assert await beaten() == ""
     finally:
         await store.aclose()
