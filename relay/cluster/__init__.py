@@ -8,5 +8,6 @@ Sans-I/O where it can be, one owner per module:
 - store.py: the Redis client (RELAY_REDIS_URL: short timeouts, no retry storms) and what its failures count as;
 - limits.py, single_use.py, transcripts.py: the state the relays share through Redis;
 - metrics.py: the cluster's Prometheus metrics.
-The HTTP side (forwarding a request to its call's node, trusting a signed one) is relay/server/cluster.py's.
+The HTTP side (forwarding a request to its call's node, trusting a signed one) is relay/server/cluster.py's; the
+heartbeat and transcript tasks are relay/server/cluster_tasks.py's.
 """

@@ -23,7 +23,8 @@ from relay.server.auth import add_auth, may_call
 from relay.server.errors import json_errors
 from relay.server.control import add_control_route
 from relay.server.calls import CALLS, KEY_BURST, SHUTTING_DOWN, TOOLBOX, add_call_routes, call_capacity, drain
-from relay.server.cluster import Cluster, add_cluster
+from relay.server.cluster import Cluster
+from relay.server.cluster_tasks import add_cluster
 from relay.server.limits import BURST
 from relay.server.metrics import add_metrics
 from relay.server.workers import Worker

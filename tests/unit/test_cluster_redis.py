@@ -27,7 +27,8 @@ from relay.cluster.store import QUIET_S, SharedStateError, connect
 from relay.cluster.transcripts import MAX_RECORD_BYTES, Revisions, Transcripts, encode, record
 from relay.core.history import History
 from relay.server import cluster as cluster_module
-from relay.server.cluster import PUBLISH_BYTES, Cluster, beat, publish
+from relay.server.cluster import Cluster
+from relay.server.cluster_tasks import PUBLISH_BYTES, beat, publish
 from tests.cluster.requirements import require_redis_server
 
 def free_port(host: str = "127.0.0.1") -> int:

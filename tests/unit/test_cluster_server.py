@@ -24,8 +24,9 @@ from relay.cluster.transcripts import Revisions
 from relay.core.history import History
 from relay.protocol import new_id
 from relay.server import cluster as cluster_module
-from relay.server.cluster import (Cluster, _last_writes, as_response, ask_node, keep_beating, keep_publishing,
-                                  publish, route_to_owner)
+from relay.server import cluster_tasks
+from relay.server.cluster import Cluster, as_response, ask_node, route_to_owner
+from relay.server.cluster_tasks import _last_writes, keep_beating, keep_publishing, publish
 
 SECRET = b"s" * 32
 
@@ -176,8 +177,8 @@ async def test_a_publish_cancelled_mid_write_leaves_the_ended_calls_to_the_last_
 
 
 async def test_the_heartbeat_and_the_transcripts_carry_on_after_an_unexpected_error(monkeypatch, caplog):
-    monkeypatch.setattr(cluster_module, "BEAT_S", 0.01)
-    monkeypatch.setattr(cluster_module, "PUBLISH_EVERY_S", 0.01)
+    monkeypatch.setattr(cluster_tasks, "BEAT_S", 0.01)
+    monkeypatch.setattr(cluster_tasks, "PUBLISH_EVERY_S", 0.01)
     monkeypatch.setattr(cluster_module, "_logged", {})
     registry, failures = Registry(), [RuntimeError("a bug")]
 
