@@ -50,13 +50,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription  # noqa: E402
-
 from bench.analysis import level_db, marker, onsets, pair_arrivals, percentile, run, speech  # noqa: E402
+from bench import peers  # noqa: E402
 from bench.peers import BenchCall, PacketLog, PrecodedVoice, encode_opus  # noqa: E402
 from bench.stack import (  # noqa: E402
     ROOT, Stack, cpu_seconds, free_port, other_cpus, pinned, process_tree, wait_for_http)
-from relay.webrtc.aiortc_internals import install_packet_tap, restrict_host_addresses  # noqa: E402
+from relay.webrtc.aiortc_internals import restrict_host_addresses  # noqa: E402
 from tests.audio_checks import loud_ms, resample  # noqa: E402
 from tests.processes import clean_env  # noqa: E402
 from tests.webrtc_client import Microphone, OutboundRtp, negotiated_codec, silence48  # noqa: E402
@@ -99,31 +98,11 @@ def packet_log(codec: str, decode: bool) -> PacketLog:
 
 async def connect(url: str, track: Any, codec: str, *, decode: bool, http: aiohttp.ClientSession) -> BenchCall:
     """bench/peers.py's connect, offering one audio codec only; raises unless the answer chose it."""
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    channel = pc.createDataChannel("oai-events")
-    pc.addTrack(track)
-    (transceiver,) = pc.getTransceivers()
-    transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("audio").codecs
-                                     if c.mimeType.lower() == f"audio/{codec}"])
-    call = BenchCall(pc, packet_log(codec, decode), channel)
-    install_packet_tap(transceiver.receiver, call.log)
-
-    @channel.on("message")
-    def on_message(message: str) -> None:
-        call.events.append(json.loads(message))
-        call.event_times.append(time.monotonic())
-
-    await pc.setLocalDescription(await pc.createOffer())
-    async with http.post(url, data=pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}) as response:
-        body = await response.text()
-        if response.status != 201:
-            await pc.close()
-            raise RuntimeError(f"{url} answered {response.status}: {body[:300]}")
-    chosen = negotiated_codec(body)
+    call = await peers.connect(url, track, decode=decode, http=http, codec=codec, log=packet_log(codec, decode))
+    chosen = negotiated_codec(call.pc.remoteDescription.sdp)
     if chosen is None or chosen[0] != codec:
-        await pc.close()
+        await call.pc.close()
         raise RuntimeError(f"offered {codec} only, the answer chose {chosen}")
-    await pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
     return call
 
 

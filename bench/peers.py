@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import av
 import numpy as np
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 
 from relay.webrtc.aiortc_internals import install_packet_tap
 
@@ -99,14 +99,20 @@ class BenchCall:
         await self.pc.close()
 
 
-async def connect(url: str, track: MediaStreamTrack, *, decode: bool, http: aiohttp.ClientSession) -> BenchCall:
+async def connect(url: str, track: MediaStreamTrack, *, decode: bool, http: aiohttp.ClientSession,
+                  codec: str | None = None, log: PacketLog | None = None) -> BenchCall:
     """Offer audio and an `oai-events` data channel (as OpenAI's clients do) to `url`; raise if it does not
-    answer 201 with SDP."""
+    answer 201 with SDP. `codec` (e.g. "pcmu"): offer that audio codec only; `log`: what records the packets
+    received (default: a PacketLog for Opus)."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     channel = pc.createDataChannel("oai-events")
     pc.addTrack(track)
-    call = BenchCall(pc, PacketLog(decode), channel)
-    install_packet_tap(pc.getTransceivers()[0].receiver, call.log)
+    (transceiver,) = pc.getTransceivers()
+    if codec is not None:
+        transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("audio").codecs
+                                         if c.mimeType.lower() == f"audio/{codec}"])
+    call = BenchCall(pc, log or PacketLog(decode), channel)
+    install_packet_tap(transceiver.receiver, call.log)
 
     @channel.on("message")
     def on_message(message: str) -> None:
